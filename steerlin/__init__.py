@@ -1,10 +1,64 @@
-"""steerlin: low-order linear depth dynamics for steering transformers (arXiv 2603.12541)."""
+"""steerlin: compute where and how hard to steer a transformer (arXiv 2603.12541).
 
+A transformer's depth dynamics seen from the last token are close to a low-order linear
+system. steerlin identifies it from JVPs (`Surrogate.fit`), predicts per-layer steering gains,
+and gives the minimum-energy schedule for a target shift (`Controller`).
+"""
+
+from .controller import Controller, Schedule
+from .data import TASKS, LabelledPrompts, Splits, Task, load_demo_task, load_task
 from .directions import ConceptDirections
 from .errors import SteerlinError
-from .hooks import inject
+from .evaluate import (
+    Calibration,
+    Fidelity,
+    calibrate,
+    compare_energy,
+    cross_gains,
+    exact_gains,
+    fidelity,
+    measure_shift,
+    scan_gains,
+)
+from .hooks import count_hooks, inject
+from .jacobians import FrozenContext, Readout, iter_contexts
+from .surrogate import Surrogate
 from .trajectory import Trajectory, capture
 
 __version__ = "0.1.0"
 
-__all__ = ["ConceptDirections", "SteerlinError", "Trajectory", "capture", "inject"]
+try:  # models.py imports transformers lazily; keep the package importable without it
+    from .models import load_model
+except ImportError:  # pragma: no cover
+    load_model = None
+
+__all__ = [
+    "Calibration",
+    "ConceptDirections",
+    "Controller",
+    "Fidelity",
+    "FrozenContext",
+    "LabelledPrompts",
+    "Readout",
+    "Schedule",
+    "Splits",
+    "SteerlinError",
+    "Surrogate",
+    "TASKS",
+    "Task",
+    "Trajectory",
+    "calibrate",
+    "capture",
+    "compare_energy",
+    "count_hooks",
+    "cross_gains",
+    "exact_gains",
+    "fidelity",
+    "inject",
+    "iter_contexts",
+    "load_demo_task",
+    "load_model",
+    "load_task",
+    "measure_shift",
+    "scan_gains",
+]

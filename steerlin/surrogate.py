@@ -246,19 +246,26 @@ def _fit_core(
         Pl = P[layer]
         Ys: list[torch.Tensor] = []
         sum_Y = torch.zeros(d, H, dtype=f64)
-        gram = torch.zeros(H, H, dtype=f64) if basis == "pod" else None
-        for i, ctx in enumerate(contexts):
+        for ctx in contexts:
             tang = Pl.T.to(ctx.states.dtype)[None].expand(len(ctx), d, H)
             Y = ctx.jvp(layer, tang).to(f64)  # [b, d, H]: rows are A_l(p) P_l[:, j]
             Ys.append(Y)
             sum_Y += Y.sum(0)
-            if gram is not None:
-                # propagated responses to every injection so far, plus the new one (unit_l)
-                Rext = torch.cat([R[i], _e1(len(ctx), d, f64)], dim=2)  # [b, d, l+1]
-                resp = torch.einsum("bdh,bdk->bkh", Y, Rext)  # [b, l+1, H]
-                w = 1.0 / resp.norm(dim=-1).pow(2).mean(0).clamp_min(1e-300).sqrt()
-                resp = resp * w[None, :, None]
-                gram += torch.einsum("bkh,bkg->hg", resp, resp)
+        gram = None
+        if basis == "pod":
+            # propagated responses to every injection so far plus the new one (unit_l), each
+            # injection layer weighted to unit mean-square norm over all prompts
+            resps = [
+                torch.einsum("bdh,bdk->bkh", Y, torch.cat([R[i], _e1(len(Y), d, f64)], dim=2))
+                for i, Y in enumerate(Ys)
+            ]  # [b, l+1, H]
+            sq = reduce(sum(r.pow(2).sum(-1).sum(0) for r in resps)) / n
+            w = sq.clamp_min(1e-300).rsqrt()
+            gram = torch.zeros(H, H, dtype=f64)
+            for r in resps:
+                rw = r * w[None, :, None]
+                gram += torch.einsum("bkh,bkg->hg", rw, rw)
+            del resps
         sum_Y = reduce(sum_Y)
         mean_Y = sum_Y / n  # [d, H]
         if basis == "krylov":

@@ -65,14 +65,29 @@ class TaskRun:
     config: dict[str, Any]
 
     def table(self) -> list[dict[str, Any]]:
-        """Rows: readout, variant, basis, Spearman/Pearson vs the scan; plus exact gains rows."""
+        """Rows: readout, variant, basis, Spearman/Pearson vs the scan; plus exact gains rows.
+
+        `spearman`/`pearson` compare gains per unit of norm-relative amplitude (steerlin's
+        units); `spearman_raw`/`pearson_raw` compare gains per unit-norm raw vector (divided by
+        scale_l), which removes the common growth of ‖x_l‖ with depth and is a harder test.
+        """
+        scale = self.directions.scale[:-1].to(torch.float64)
+
+        def both(pred, meas) -> dict[str, float]:
+            f, fr = fidelity(pred, meas), fidelity(pred / scale, meas / scale)
+            return {
+                "spearman": f.spearman,
+                "pearson": f.pearson,
+                "spearman_raw": fr.spearman,
+                "pearson_raw": fr.pearson,
+            }
+
         rows = []
         for key, s in self.surrogates.items():
             rd = s.meta["readout"]["kind"]
             for variant, g in (("per-prompt", s.gains), ("paper", s.gains_paper)):
                 if s.variant != variant and s.meta.get("report_both") is False:
                     continue
-                f = fidelity(g, self.measured[rd])
                 rows.append(
                     {
                         "task": self.task,
@@ -80,13 +95,11 @@ class TaskRun:
                         "basis": s.meta["basis"],
                         "d": s.d,
                         "variant": variant,
-                        "spearman": f.spearman,
-                        "pearson": f.pearson,
+                        **both(g, self.measured[rd]),
                         "key": key,
                     }
                 )
         for rd, g in self.exact.items():
-            f = fidelity(g, self.measured[rd])
             rows.append(
                 {
                     "task": self.task,
@@ -94,8 +107,7 @@ class TaskRun:
                     "basis": "-",
                     "d": None,
                     "variant": "exact_gains",
-                    "spearman": f.spearman,
-                    "pearson": f.pearson,
+                    **both(g, self.measured[rd]),
                     "key": f"exact/{rd}",
                 }
             )

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from .errors import InputError, ShapeError
+from .errors import FileFormatError, InputError, ShapeError
 from .hooks import check_model
 from .persist import check_model_meta, load_tensors, model_meta, save_tensors
 from .trajectory import PromptsLike, Trajectory, capture
@@ -138,7 +138,7 @@ class ConceptDirections:
         if model is not None:
             check_model_meta(meta, model.cfg, path)
         if set(t) != {"vectors", "unit", "scale"} or t["unit"].shape != t["vectors"].shape:
-            raise InputError(f"{str(path)!r}: ConceptDirections file has unexpected tensors")
+            raise FileFormatError(f"{str(path)!r}: ConceptDirections file has unexpected tensors")
         return cls(vectors=t["vectors"], unit=t["unit"], scale=t["scale"], meta=meta)
 
     def check_for(self, model: HookedTransformer) -> None:

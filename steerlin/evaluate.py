@@ -158,6 +158,8 @@ def fidelity(predicted, measured) -> Fidelity:
         raise InputError(f"fidelity: need at least 3 layers to correlate, got {p.shape[0]}")
     if not (np.isfinite(p).all() and np.isfinite(m).all()):
         raise NonFiniteError("fidelity: non-finite gains")
+    if np.ptp(p) == 0 or np.ptp(m) == 0:
+        raise InputError("fidelity: a constant gain curve has no correlation with anything")
     return Fidelity(
         spearman=float(scipy.stats.spearmanr(p, m).statistic),
         pearson=float(scipy.stats.pearsonr(p, m).statistic),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -65,25 +65,28 @@ def check_vector(vec, d_model: int, *, what: str, batched: bool = False) -> torc
 
 @dataclass
 class _GenerationState:
-    """Tracks the prompt length across the forwards of one generation (positions="generated")."""
+    """Tracks the prompt across the forwards of one generation (positions="generated")."""
 
     prompt_len: int | None = None
-    seen_forward: set = field(default_factory=set)
+    total: int = 0
 
     def positions_for(self, seq_len: int) -> slice:
         """Positions to steer in a forward over `seq_len` tokens.
 
-        First forward: the prompt, steer its last token. Later forwards with one token: a
-        KV-cached generation step, steer it. Longer ones: an uncached step over prompt plus
-        generated tokens, steer from the last prompt token on. A forward no longer than the
-        recorded prompt (and longer than one token) starts a new prompt.
+        A KV-cached generation step is a one-token forward: steer it. An uncached step is a
+        forward over everything so far plus one token: steer from the last prompt token on.
+        Anything else starts a new prompt: steer its last token. (A new prompt exactly one
+        token longer than everything processed so far looks like an uncached step: call
+        `Injection.reset()` between generations to be sure.)
         """
-        if self.prompt_len is None or (1 < seq_len <= self.prompt_len):
-            self.prompt_len = seq_len
-            return slice(seq_len - 1, seq_len)
-        if seq_len == 1:
+        if self.prompt_len is not None and seq_len == 1:
+            self.total += 1
             return slice(0, 1)
-        return slice(self.prompt_len - 1, seq_len)
+        if self.prompt_len is not None and seq_len == self.total + 1:
+            self.total = seq_len
+            return slice(self.prompt_len - 1, seq_len)
+        self.prompt_len = self.total = seq_len
+        return slice(seq_len - 1, seq_len)
 
 
 class Injection:

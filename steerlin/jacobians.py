@@ -261,8 +261,8 @@ def make_readout(
         raise InputError(f"label_words: expected (positive, negative), got {words!r}")
     ids = []
     for w in words:
-        if isinstance(w, int):
-            ids.append(w)
+        if hasattr(w, "__index__") and not isinstance(w, bool | str):
+            ids.append(int(w.__index__()))
             continue
         if model.tokenizer is None:
             raise InputError("label_words: the model has no tokenizer; pass two token ids")

@@ -13,7 +13,7 @@ from transformer_lens import HookedTransformer
 
 from . import krylov
 from .directions import ConceptDirections
-from .errors import InputError, NonFiniteError, ShapeError
+from .errors import FileFormatError, InputError, NonFiniteError, ShapeError
 from .hooks import check_model
 from .jacobians import FrozenContext, Readout, iter_contexts, make_readout
 from .persist import check_model_meta, load_tensors, model_meta, save_tensors
@@ -198,7 +198,9 @@ class Surrogate:
         t, meta = load_tensors(path, "Surrogate")
         need = {"P", "A", "B", "c", "gains", "gains_paper", "gains_std"}
         if not need <= set(t):
-            raise InputError(f"{str(path)!r}: Surrogate file lacks tensors {sorted(need - set(t))}")
+            raise FileFormatError(
+                f"{str(path)!r}: Surrogate file lacks tensors {sorted(need - set(t))}"
+            )
         if model is not None:
             check_model_meta(meta, model.cfg, path)
         return cls(**{k: t[k] for k in need}, meta=meta)
@@ -237,8 +239,11 @@ def _fit_core(
     if n == 0:
         raise InputError("prompts: expected at least one operating prompt, got none")
 
-    # Only P_0[:, 0] = unit_0 matters (nothing perturbs x_0 before the first injection).
-    P = [krylov.random_basis(unit[0], d, generator=gen)]
+    # b_l = 0 where unit_l = 0 (e.g. every prompt ends in the same token: x_0 is identical)
+    scale = scale * (unit.norm(dim=-1) > 0).to(f64)
+    # Only P_0[:, 0] matters (nothing perturbs x_0 before the first injection).
+    anchor0 = unit[0] if unit[0].norm() > 0 else torch.eye(H, dtype=f64)[0]
+    P = [krylov.random_basis(anchor0, d, generator=gen)]
     # R[i]: per-prompt reduced responses at the current layer to unit injections at 0..l-1
     R = [torch.zeros(len(c), d, 0, dtype=f64) for c in contexts]
     A_mean, B_mean = [], []

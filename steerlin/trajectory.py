@@ -47,7 +47,10 @@ def tokenize(model: HookedTransformer, prompts: PromptsLike) -> list[list[int]]:
                 )
             ids = model.to_tokens(p, truncate=False)[0].tolist()
         else:
-            ids = [int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
+            raw = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if not all(hasattr(t, "__index__") and not isinstance(t, bool) for t in raw):
+                raise InputError(f"prompts[{i}]: token ids must be integers")
+            ids = [t.__index__() for t in raw]
             if any(t < 0 or t >= model.cfg.d_vocab for t in ids):
                 raise InputError(f"prompts[{i}]: token ids must lie in 0..{model.cfg.d_vocab - 1}")
         if not ids:

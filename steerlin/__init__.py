@@ -22,15 +22,12 @@ from .evaluate import (
 )
 from .hooks import count_hooks, inject
 from .jacobians import FrozenContext, Readout, iter_contexts
+from .models import check_model, load_model
 from .surrogate import Surrogate
 from .trajectory import Trajectory, capture
 
 __version__ = "0.1.0"
 
-try:  # models.py imports transformers lazily; keep the package importable without it
-    from .models import load_model
-except ImportError:  # pragma: no cover
-    load_model = None
 
 __all__ = [
     "Calibration",
@@ -49,6 +46,7 @@ __all__ = [
     "Trajectory",
     "calibrate",
     "capture",
+    "check_model",
     "compare_energy",
     "count_hooks",
     "cross_gains",

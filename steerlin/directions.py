@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from .errors import FileFormatError, InputError, ShapeError
+from .errors import FileFormatError, InputError, NonFiniteError, ShapeError
 from .hooks import check_model
 from .persist import check_model_meta, load_tensors, model_meta, save_tensors
 from .trajectory import PromptsLike, Trajectory, capture
@@ -84,6 +84,11 @@ class ConceptDirections:
         """Directions from captured states [n, L+1, H] and 0/1 labels."""
         y = check_labels(labels, states.shape[0])
         x = states
+        bad = ~torch.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(-1).all(0)
+        if bad.any():
+            raise NonFiniteError(
+                f"states: non-finite residual states at layers {bad.nonzero().flatten().tolist()}"
+            )
         vectors = x[y == 1].mean(0) - x[y == 0].mean(0)
         norms = vectors.norm(dim=-1, keepdim=True)
         zero = norms.squeeze(-1) <= 1e-12 * x.norm(dim=-1).mean(0).clamp_min(1e-30)
@@ -139,6 +144,10 @@ class ConceptDirections:
             check_model_meta(meta, model.cfg, path)
         if set(t) != {"vectors", "unit", "scale"} or t["unit"].shape != t["vectors"].shape:
             raise FileFormatError(f"{str(path)!r}: ConceptDirections file has unexpected tensors")
+        if model is not None:
+            check_model_meta(
+                {"n_layers": t["unit"].shape[0] - 1, "d_model": t["unit"].shape[1]}, model.cfg, path
+            )
         return cls(vectors=t["vectors"], unit=t["unit"], scale=t["scale"], meta=meta)
 
     def check_for(self, model: HookedTransformer) -> None:
@@ -149,6 +158,11 @@ class ConceptDirections:
                 f"directions: expected unit of shape [{L + 1}, {H}] for this model, got "
                 f"{tuple(self.unit.shape)}"
             )
+        for name, t in (("unit", self.unit), ("scale", self.scale)):
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
+            if bad.any():
+                where = bad.nonzero().flatten().tolist()
+                raise NonFiniteError(f"directions.{name}: non-finite values at layers {where}")
 
 
 __all__ = ["ConceptDirections", "check_labels"]

@@ -17,6 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from .errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
+from .models import check_model
 
 Positions = Literal["last", "all", "generated"]
 POSITIONS = ("last", "all", "generated")
@@ -25,16 +26,6 @@ POSITIONS = ("last", "all", "generated")
 def resid_pre_name(layer: int) -> str:
     """Hook name of the residual stream entering block `layer`."""
     return f"blocks.{layer}.hook_resid_pre"
-
-
-def check_model(model) -> HookedTransformer:
-    """Return `model` if it is a HookedTransformer, else raise ModelTypeError naming what came."""
-    if not isinstance(model, HookedTransformer):
-        raise ModelTypeError(
-            f"model: expected a transformer_lens.HookedTransformer (e.g. from "
-            f"steerlin.load_model), got {type(model).__name__}"
-        )
-    return model
 
 
 def check_layer(layer, n_layers: int, *, what: str = "layer", allow_final: bool = False) -> int:

@@ -53,7 +53,13 @@ def load_tensors(path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, An
             f"{str(path)!r} is not a steerlin {kind} file"
             + (f" (it holds a {got})" if got else " (no steerlin metadata)")
         )
-    if int(header.get("format", -1)) > FORMAT_VERSION:
+    try:
+        version = int(header.get("format", -1))
+    except ValueError:
+        raise FileFormatError(
+            f"{str(path)!r}: unreadable steerlin format version {header.get('format')!r}"
+        ) from None
+    if version > FORMAT_VERSION:
         raise FileFormatError(
             f"{str(path)!r} was written by a newer steerlin (format {header['format']}); upgrade"
         )

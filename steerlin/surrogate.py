@@ -203,6 +203,9 @@ class Surrogate:
             )
         if model is not None:
             check_model_meta(meta, model.cfg, path)
+            check_model_meta(
+                {"n_layers": t["P"].shape[0] - 1, "d_model": t["P"].shape[1]}, model.cfg, path
+            )
         return cls(**{k: t[k] for k in need}, meta=meta)
 
     def __repr__(self) -> str:

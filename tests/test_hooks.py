@@ -381,7 +381,7 @@ def test_bad_positions(gpt2_like):
 
 def test_not_a_model():
     with pytest.raises(
-        ModelTypeError, match="expected a transformer_lens.HookedTransformer.*got Linear"
+        ModelTypeError, match="expected a transformer_lens.HookedTransformer.*got torch.*Linear"
     ):
         with inject(torch.nn.Linear(2, 2), {0: torch.zeros(2)}):
             pass

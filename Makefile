@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/steerlin demo --threads $(THREADS)
 
 test: setup
-	$(VENV)/bin/ruff check steerlin tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

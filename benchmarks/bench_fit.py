@@ -2,8 +2,9 @@
 
 1. Surrogate.fit (d=32) on N SST-2 operating prompts vs the hook scan it replaces (scan_gains
    method="hooks": 2L full forwards per batch) on the same N prompts. Goal: fit >= 20x cheaper.
-   The hook scan is timed on the first --scan-n prompts and extrapolated linearly to N (its
-   cost is 2L full forwards of every prompt); the output says so.
+   The hook scan is timed on the first --scan-n prompts and extrapolated to N in proportion
+   to the padded tokens its batched full forwards process (the output says so; the naive
+   per-prompt extrapolation is reported too).
 2. exact_gains vs the floor of one forward + one backward per prompt: a full-sequence forward
    with a gradient w.r.t. per-layer amplitudes u[p, l] hooked into every resid_pre at the last
    token, read out at the end, and one backward. Goal: exact_gains within 2x of the floor.
@@ -54,6 +55,13 @@ def floor_forward_backward(model, prompts, dirs, batch_size: int) -> torch.Tenso
             (g,) = torch.autograd.grad(y.sum(), u)
         out[bt.index] = g.double()
     return out
+
+
+def padded_tokens(model, prompts, batch_size: int) -> int:
+    """Tokens the batched full forwards process (right-padded, length-sorted batches)."""
+    from steerlin.trajectory import iter_batches, tokenize
+
+    return sum(b.tokens.numel() for b in iter_batches(tokenize(model, prompts), batch_size))
 
 
 def jvp_throughput(ctx, layer: int, k: int, repeats: int) -> dict:
@@ -121,7 +129,11 @@ def main() -> None:
         _, t_scan, cpu_scan = C.timed(
             lambda: scan_gains(model, ops[:scan_n], dirs, method="hooks", batch_size=bs)
         )
-        scale = n / scan_n  # the hook scan's cost is linear in the prompts (2L forwards each)
+        # The hook scan runs 2L full forwards of every padded batch, so its cost is linear in
+        # the padded token count; extrapolating per prompt instead would charge all N prompts
+        # the padding of one small unsorted batch.
+        scale_prompts = n / scan_n
+        scale = padded_tokens(model, ops, bs) / padded_tokens(model, ops[:scan_n], bs)
         t_scan_n, cpu_scan_n = t_scan * scale, cpu_scan * scale
         rows_fit.append(
             {
@@ -136,6 +148,7 @@ def main() -> None:
                 "extrapolated": scan_n < n,
                 "ratio": t_scan_n / t_fit,
                 "ratio_cpu": cpu_scan_n / cpu_fit,
+                "ratio_per_prompt_extrapolation": t_scan * scale_prompts / t_fit,
             }
         )
         C.say(f"threads={threads}: exact_gains on {n}")

@@ -1,0 +1,56 @@
+"""Energy table (issue 5): calibrated energy of the LLV schedule vs heuristics on Gemma-3-270m.
+
+    python benchmarks/energy.py --tasks sst2,irony,hate --sizes 100,50,25
+
+Target: half the class-mean separation of the concept readout <unit_L, x_L> on the eval split.
+Prints one markdown table per task and writes benchmarks/results/energy.json.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import steerlin
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="sst2,irony,hate")
+    ap.add_argument("--sizes", default="100,50,25", help="concept,operating,eval per class")
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--n-random", type=int, default=5)
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    nc, no, ne = (int(x) for x in args.sizes.split(","))
+    model = steerlin.load_model()
+    out = {}
+    for name in args.tasks.split(","):
+        sp = steerlin.load_task(name, data_dir=args.data_dir).split(nc, no, ne, seed=0)
+        dirs = steerlin.ConceptDirections.fit(model, sp.concept.texts, sp.concept.labels)
+        sur = steerlin.Surrogate.fit(model, sp.operating.texts, dirs, d=args.d)
+        traj = steerlin.capture(model, sp.eval.texts)
+        y = traj.states[:, -1] @ dirs.unit[-1]
+        lab = torch.tensor(sp.eval.labels)
+        target = 0.5 * float(y[lab == 1].mean() - y[lab == 0].mean())
+        rows = steerlin.compare_energy(model, sp.eval.texts, sur, target, n_random=args.n_random)
+        out[name] = {"target": target, "rows": rows}
+        print(f"\n{name}: target {target:+.1f} (0.5 x class-mean separation)")
+        print("| strategy | energy Σu² | ratio to LLV | raw energy | raw ratio | shift | evals |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['strategy']} | {r['energy']:.4g} | {r['ratio_to_llv']:.3g} | "
+                f"{r['raw_energy']:.4g} | {r['raw_ratio_to_llv']:.3g} | "
+                f"{r['measured_shift']:.4g} | {r['evaluations']} |"
+            )
+    path = Path(__file__).parent / "results" / "energy.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ from steerlin.plots import plot_energy, plot_gains
 
 def show(rows, cols) -> None:
     """Print rows as an aligned text table."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     w = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(n) for c, n in zip(cols, w, strict=True)))
@@ -75,7 +75,10 @@ def main() -> None:
         )
 
         # Energy: target = half the class-mean separation of <unit_L, x_L> on the eval split.
-        y = capture(model, splits.eval.texts).states[:, -1].double() @ run.directions.unit[-1]
+        y = (
+            capture(model, splits.eval.texts).states[:, -1].double()
+            @ run.directions.unit[-1].double()
+        )
         lab = torch.tensor(splits.eval.labels)
         target = 0.5 * float(y[lab == 1].mean() - y[lab == 0].mean())
         rows = compare_energy(model, splits.eval.texts, sur, target, n_random=2 if args.fast else 5)

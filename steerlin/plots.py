@@ -54,6 +54,11 @@ def _fmt_ratio(r: float) -> str:
     return f"×{r:.3g}" if r < 100 else f"×{r:.0f}"
 
 
+def _lower(lo: float, pad: float = 0.05) -> float:
+    """Lower y limit for correlations: zoomed in when all are high, never below -1."""
+    return max(-1.05, min(0.9, lo - pad))
+
+
 def _fmt_params(n: float) -> str:
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= div:
@@ -243,7 +248,7 @@ def plot_ablation(
         ax.set_ylabel(f"{metric.capitalize()} correlation (predicted vs measured)")
         ax.set_title(metric.capitalize())
         lo = min(float(r[metric]) for r in rows)
-        ax.set_ylim(min(0.0, lo - 0.05), 1.02)
+        ax.set_ylim(_lower(lo), 1.01)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8.5, title=hue if hue else None)
     fig.suptitle(title or f"Surrogate fidelity vs {x}", fontsize=12)
@@ -284,10 +289,11 @@ def plot_scaling(
         seen.add(r["model"])
         ax.annotate(
             str(r["model"]),
-            (float(r["params"]), float(r["spearman"])),
-            xytext=(0, 8),
+            (float(r["params"]), min(float(r["spearman"]), float(r["pearson"]))),
+            xytext=(0, -10),
             textcoords="offset points",
             ha="center",
+            va="top",
             fontsize=8.5,
         )
     if good:
@@ -297,7 +303,7 @@ def plot_scaling(
         ax.set_xticks(px, [_fmt_params(v) for v in px])
         ax.minorticks_off()
         lo = min(min(float(r["spearman"]), float(r["pearson"])) for r in good)
-        ax.set_ylim(min(0.0, lo - 0.05), 1.02)
+        ax.set_ylim(_lower(lo, pad=0.12), 1.01)
         ax.legend(fontsize=9)
     else:
         ax.text(0.5, 0.5, "no model produced a result", ha="center", transform=ax.transAxes)

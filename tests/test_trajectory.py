@@ -143,5 +143,5 @@ def test_strings_without_tokenizer(gpt2_like):
 
 
 def test_not_a_model():
-    with pytest.raises(ModelTypeError, match="got dict"):
+    with pytest.raises(ModelTypeError, match="got builtins.dict"):
         capture({}, [[1, 2]])

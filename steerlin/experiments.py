@@ -39,14 +39,19 @@ class Timer:
 
 def versions() -> dict[str, str]:
     """Versions of what produced a result."""
-    import transformer_lens
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
+
+    try:
+        tl_version = version("transformer-lens")
+    except PackageNotFoundError:  # pragma: no cover
+        tl_version = "?"
 
     return {
         "steerlin": __version__,
         "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+        "transformer_lens": tl_version,
         "python": platform.python_version(),
         "threads": str(torch.get_num_threads()),
     }

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from .errors import InputError, LayerError, ShapeError
+from .errors import FileFormatError, InputError, LayerError, ShapeError
 from .krylov import gains_from_reduced
 from .persist import check_model_meta, load_tensors, save_tensors
 
@@ -169,9 +169,14 @@ class Schedule:
         """Load a saved schedule; with `model`, refuse one made for another model shape."""
         t, meta = load_tensors(path, "Schedule")
         if not {"amplitudes", "unit", "scale"} <= set(t):
-            raise InputError(f"{str(path)!r}: Schedule file lacks amplitudes/unit/scale")
+            raise FileFormatError(f"{str(path)!r}: Schedule file lacks amplitudes/unit/scale")
         if model is not None:
             check_model_meta(meta, model.cfg, path)
+            check_model_meta(
+                {"n_layers": t["amplitudes"].shape[-1], "d_model": t["unit"].shape[-1]},
+                model.cfg,
+                path,
+            )
         return cls(t["amplitudes"], t["unit"], t["scale"], meta, t.get("readout"))
 
     def to_llama_cpp(self, path, *, model_hint: str | None = None) -> Path:
@@ -331,6 +336,10 @@ class Controller:
         return Schedule(u, units, scales, meta, rd)
 
     # ----------------------------------------------------------------- schedules
+    def apply(self, model, *, positions: str = "generated"):
+        """Context manager: the minimum-energy schedule as live hooks (`Schedule.apply`)."""
+        return self.schedule.apply(model, positions=positions)
+
     @property
     def schedule(self) -> Schedule:
         """The minimum-energy schedule: least-norm u with G u = target on the allowed layers."""

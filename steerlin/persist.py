@@ -67,6 +67,8 @@ def load_tensors(path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, An
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError as exc:
         raise FileFormatError(f"{str(path)!r}: metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{str(path)!r}: metadata is not a JSON object")
     return tensors, meta
 
 

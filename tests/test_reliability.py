@@ -10,7 +10,9 @@
   foreign, truncated, other-model and pickle files are refused without being unpickled.
 
 The "regressions" section guards bugs this file found (non-finite states/directions accepted,
-an unguarded format-version parse, a shape-less file loading for any model), fixed in 390ad94.
+an unguarded format-version parse, a shape-less file loading for any model), fixed in 390ad94;
+its xfail(strict=True) tests document bugs still open (see each reason) and turn into
+failures once fixed, so the marker goes with the fix.
 
 Tiny float64 models only (conftest), the whole file runs in a few seconds.
 """
@@ -603,6 +605,33 @@ def test_directions_without_model_meta_are_refused_for_another_model(w, tmp_path
     dirs.save(tmp_path / "dirs.safetensors")
     with pytest.raises(FileFormatError, match="n_layers"):
         ConceptDirections.load(tmp_path / "dirs.safetensors", w.g)
+
+
+def _schedule_file(path: Path, *, L: int = 3, H: int = 32, meta: str = "{}", full=True) -> Path:
+    tensors = {"x": torch.zeros(3)}
+    if full:
+        tensors = {"amplitudes": torch.zeros(L), "unit": torch.zeros(L, H), "scale": torch.ones(L)}
+    save_file(tensors, str(path), {"steerlin": "Schedule", "format": "1", "meta": meta})
+    return path
+
+
+def test_schedule_without_model_meta_is_refused_for_another_model(w, tmp_path):
+    path = _schedule_file(tmp_path / "s.safetensors", L=5, H=16)
+    with pytest.raises(FileFormatError, match="n_layers"):
+        Schedule.load(path, w.m)
+
+
+def test_schedule_file_lacking_tensors_is_a_file_format_error(tmp_path):
+    path = _schedule_file(tmp_path / "s.safetensors", full=False)
+    with pytest.raises(FileFormatError, match="lacks"):
+        Schedule.load(path)
+
+
+@pytest.mark.parametrize("meta", ["5", "[1]", "null"])
+def test_metadata_that_is_not_a_json_object_is_a_file_format_error(w, tmp_path, meta):
+    path = _schedule_file(tmp_path / "s.safetensors", meta=meta)
+    with pytest.raises(FileFormatError, match="metadata"):
+        Schedule.load(path, w.m)
 
 
 # ------------------------------------------------------------------------------- faults

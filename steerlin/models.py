@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -139,8 +140,10 @@ def load_model(
     dtype = _check_dtype(dtype)
     spec = _OFFLINE.get(name.strip().lower())
     if spec is not None:
-        return _finalize(_load_offline(spec, device, dtype, cache_root(cache_dir) / spec.key))
-    return _finalize(_load_from_hub(name, device, dtype))
+        model = _load_offline(spec, device, dtype, cache_root(cache_dir) / spec.key)
+    else:
+        model = _load_from_hub(name, device, dtype)
+    return _finalize(_unembed_layout(model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +157,22 @@ def _finalize(model: HookedTransformer) -> HookedTransformer:
     tok = model.tokenizer
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.bos_token
+    return model
+
+
+def _unembed_layout(model: HookedTransformer, keep_values: bool = True) -> HookedTransformer:
+    """Store W_U transposed in memory (same values, shape and name), so that TransformerLens'
+    `F.linear(x, W_U.T.contiguous())` no longer copies the whole unembedding on every forward
+    (670 MB for Gemma's 262k vocabulary, each generated token)."""
+    unembed = getattr(model, "unembed", None)
+    w = getattr(unembed, "W_U", None)
+    if isinstance(w, torch.nn.Parameter) and w.ndim == 2 and not w.T.is_contiguous():
+        with torch.no_grad():
+            if keep_values:
+                t = w.detach().T.contiguous()
+            else:
+                t = torch.empty(w.shape[::-1], dtype=w.dtype, device=w.device)
+            unembed.W_U = torch.nn.Parameter(t.T, requires_grad=w.requires_grad)
     return model
 
 
@@ -564,6 +583,7 @@ def _read_cache(
             else None
         )
         model = _build_untokenized(cfg)
+        _unembed_layout(model, keep_values=False)  # filled in place by _load_parameters
         _load_parameters(model, weights)
         if digest.result() != sha256:
             raise FileFormatError(f"{_WEIGHTS} does not match its recorded sha256")
@@ -621,38 +641,77 @@ def _read_tokenizer(path: Path) -> Any:
         raise FileFormatError(f"cannot load the tokenizer: {_first_line(exc)}") from exc
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
 def _load_parameters(model: HookedTransformer, weights: Path) -> None:
-    """Copy the safetensors into the model's parameters, strictly: same names, same shapes.
+    """Read the safetensors into the model's parameters, strictly: same names, same shapes.
 
-    Tensor by tensor, so peak memory is the model plus one tensor; the copy casts to the
-    model's dtype.
+    The file is read (not memory-mapped) straight into each parameter's storage, so peak memory
+    is the model alone: mapping it would add the whole file (1.7 GB for Gemma) to the process's
+    resident set while loading. A tensor whose dtype or layout differs goes through a buffer of
+    that one tensor.
     """
-    from safetensors import safe_open
-
     params = dict(model.named_parameters())
     try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            if keys != set(params):
-                missing, extra = sorted(set(params) - keys), sorted(keys - set(params))
+        with open(weights, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            base, size = 8 + n, weights.stat().st_size
+            if set(header) != set(params):
+                missing, extra = (
+                    sorted(set(params) - set(header)),
+                    sorted(set(header) - set(params)),
+                )
                 raise FileFormatError(
                     f"{_WEIGHTS} keys differ from the model's parameters "
                     f"(missing {missing[:3]}, unexpected {extra[:3]})"
                 )
-            with torch.no_grad():
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != params[key].shape:
-                        raise FileFormatError(
-                            f"{key} has shape {tuple(tensor.shape)} in "
-                            f"{_WEIGHTS}, the model has "
-                            f"{tuple(params[key].shape)}"
-                        )
-                    params[key].copy_(tensor)
+            # in file order, so the reads are sequential
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                param = params[key]
+                dtype = _ST_DTYPES.get(info["dtype"])
+                begin, stop = info["data_offsets"]
+                if tuple(info["shape"]) != tuple(param.shape):
+                    raise FileFormatError(
+                        f"{key} has shape {tuple(info['shape'])} in {_WEIGHTS}, the model has "
+                        f"{tuple(param.shape)}"
+                    )
+                if dtype is None:
+                    raise FileFormatError(f"{key} has unsupported dtype {info['dtype']}")
+                nbytes = param.numel() * dtype.itemsize
+                if stop - begin != nbytes or base + stop > size:
+                    raise FileFormatError(f"{key} has a bad data range in {_WEIGHTS} (truncated?)")
+                fh.seek(base + begin)
+                if dtype == param.dtype and param.is_contiguous() and param.device.type == "cpu":
+                    _read_into(fh, param.data, key)
+                    continue
+                # another dtype or layout: through a buffer of at most ~64 MB of rows
+                rows = max(1, (64 << 20) // max(1, nbytes // max(1, len(param))))
+                for i in range(0, max(1, len(param)), rows):
+                    buf = torch.empty((min(rows, len(param) - i), *param.shape[1:]), dtype=dtype)
+                    _read_into(fh, buf, key)
+                    with torch.no_grad():
+                        param[i : i + len(buf)].copy_(buf)
     except FileFormatError:
         raise
-    except Exception as exc:  # safetensors' own error type for truncated/garbled files
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise FileFormatError(f"cannot read {_WEIGHTS}: {_first_line(exc)}") from exc
+
+
+def _read_into(fh: Any, tensor: torch.Tensor, key: str) -> None:
+    """Fill a contiguous CPU tensor from the file's current position."""
+    if tensor.numel() == 0:
+        return
+    view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    if fh.readinto(view) != len(view):
+        raise FileFormatError(f"{_WEIGHTS} ends inside {key} (truncated?)")
 
 
 def _versions() -> dict[str, str]:

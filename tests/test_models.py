@@ -164,6 +164,8 @@ def test_cache_round_trip_is_exact(tiny_cache):
     }
     back = models._read_cache(folder, TINY, "cpu", torch.float32)
     assert back.cfg.n_layers == 2 and back.tokenizer is None
+    # W_U is stored transposed in memory (TransformerLens' unembed then copies nothing)
+    assert back.unembed.W_U.T.is_contiguous() and back.unembed.W_U.shape == (16, 50)
     for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
     tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -278,6 +280,7 @@ def test_gemma_is_eval_without_grads_and_sane(gemma_model):
     assert not m.training and not any(p.requires_grad for p in m.parameters())
     assert m.cfg.model_name == "gemma-3-270m" and m.cfg.dtype == torch.float32
     assert m.tokenizer.pad_token is not None
+    assert m.unembed.W_U.T.is_contiguous()
     with torch.no_grad():
         top = m("The capital of France is")[0, -1].topk(5).indices
     assert " Paris" in [m.tokenizer.decode(int(i)) for i in top]

@@ -1215,7 +1215,7 @@ def cmd_scaling(args) -> int:
 def cmd_ablate(args) -> int:
     from . import plots
     from .directions import ConceptDirections
-    from .evaluate import fidelity, scan_gains
+    from .evaluate import exact_gains, fidelity, scan_gains
     from .surrogate import Surrogate
 
     run = Run(args, "ablate", "steerlin-ablate")
@@ -1266,6 +1266,28 @@ def cmd_ablate(args) -> int:
                 batch_size=args.batch_size,
                 progress=args.progress,
             )
+    with run.timed("exact"):
+        exact = exact_gains(
+            model,
+            enc.eval.texts,
+            dirs,
+            readout=args.readout,
+            label_words=lw,
+            batch_size=args.batch_size,
+            progress=args.progress,
+        )
+    # how linear is the full model at each ε: the scan over the exact first-order gain, per layer
+    lin_rows = []
+    for layer in range(len(exact)):
+        row: dict = {"layer": layer, "exact": float(exact[layer])}
+        for eps in epss:
+            row[f"r{eps:g}"] = float(measured[eps][layer] / exact[layer])
+        lin_rows.append(row)
+    for eps in epss:
+        f = fidelity(exact, measured[eps])
+        lin_rows.append(
+            {"layer": "Spearman", f"r{eps:g}": f.spearman},
+        )
     rows = []
     for basis in bases:
         for sweep, xs in (("d", ds), ("eps", epss)):
@@ -1295,6 +1317,13 @@ def cmd_ablate(args) -> int:
     ]
     run.table(f"Fidelity vs d (ε = {args.eps_ref:g})", [r for r in rows if r["sweep"] == "d"], cols)
     run.table(f"Fidelity vs ε (d = {args.d_ref})", [r for r in rows if r["sweep"] == "eps"], cols)
+    run.table(
+        "Linearity of the full model: scan(ε) / exact first-order gain, per layer "
+        "(1 = linear; last row: Spearman of scan(ε) vs exact)",
+        lin_rows,
+        [("layer", "layer", ""), ("exact", "exact gain", ".4g")]
+        + [(f"r{eps:g}", f"ε = {eps:g}", ".3f") for eps in epss],
+    )
     pp = [r for r in rows if r["variant"] == "per-prompt"]
     plots.plot_ablation(
         [r for r in pp if r["sweep"] == "d"],
@@ -1313,6 +1342,8 @@ def cmd_ablate(args) -> int:
     run.results.update(
         rows=rows,
         measured={str(k): v for k, v in measured.items()},
+        exact=exact,
+        linearity=lin_rows,
         predicted={f"{b}/{d}": s.gains for (b, d), s in sur.items()},
     )
     run.finish()

@@ -21,9 +21,19 @@ _MODELS: list[HookedTransformer] = []
 def make_gpt2_like(dtype=torch.float64, seed: int = 0, n_layers: int = 3) -> HookedTransformer:
     """LayerNorm, learned absolute positions, MHA: GPT-2's shape at toy size."""
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=97,
-        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
-        dtype=dtype, seed=seed, device="cpu",
+        n_layers=n_layers,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=97,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        dtype=dtype,
+        seed=seed,
+        device="cpu",
     )
     model = HookedTransformer(cfg)
     _init(model, seed)
@@ -33,14 +43,33 @@ def make_gpt2_like(dtype=torch.float64, seed: int = 0, n_layers: int = 3) -> Hoo
 def make_gemma_like(dtype=torch.float64, seed: int = 1, n_layers: int = 4) -> HookedTransformer:
     """RMSNorm pre+post, rotary, q/k norm, GQA, gated MLP, local/global layers, soft caps."""
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=32, n_ctx=64, d_head=8, n_heads=4, n_key_value_heads=2,
-        d_mlp=48, d_vocab=101, act_fn="gelu_pytorch_tanh", normalization_type="RMS",
-        positional_embedding_type="rotary", rotary_dim=8, rotary_base=10000,
-        rotary_base_local=1000, gated_mlp=True, final_rms=True,
-        use_normalization_before_and_after=True, use_qk_norm=True, use_local_attn=True,
-        window_size=6, attn_types=(["local", "global"] * n_layers)[:n_layers],
-        attn_scores_soft_cap=50.0, output_logits_soft_cap=30.0, use_attn_scale=True,
-        dtype=dtype, seed=seed, device="cpu",
+        n_layers=n_layers,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=48,
+        d_vocab=101,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        rotary_base=10000,
+        rotary_base_local=1000,
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        use_qk_norm=True,
+        use_local_attn=True,
+        window_size=6,
+        attn_types=(["local", "global"] * n_layers)[:n_layers],
+        attn_scores_soft_cap=50.0,
+        output_logits_soft_cap=30.0,
+        use_attn_scale=True,
+        dtype=dtype,
+        seed=seed,
+        device="cpu",
     )
     model = HookedTransformer(cfg)
     _init(model, seed)
@@ -70,18 +99,21 @@ def random_prompts(model: HookedTransformer, n: int, lo: int = 3, hi: int = 12, 
     return [torch.randint(0, model.cfg.d_vocab, (k,), generator=g).tolist() for k in lens]
 
 
-@pytest.fixture(params=["gpt2_like", "gemma_like"])
+# Module-scoped: a test must not mutate these models (the autouse fixture below checks and removes
+# hooks after every test; a test that needs to change a model builds its own with make_*), and
+# building them once per module instead of once per test keeps the suite fast.
+@pytest.fixture(scope="module", params=["gpt2_like", "gemma_like"])
 def tiny(request) -> HookedTransformer:
     """Each tiny model in float64."""
     return make_gpt2_like() if request.param == "gpt2_like" else make_gemma_like()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def gpt2_like() -> HookedTransformer:
     return make_gpt2_like()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def gemma_like() -> HookedTransformer:
     return make_gemma_like()
 

@@ -10,25 +10,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_gemma_like, make_gpt2_like, random_prompts
+from conftest import make_gpt2_like, random_prompts
 from safetensors.torch import save_file
 
 from steerlin import ConceptDirections, capture
 from steerlin.errors import FileFormatError, InputError, ShapeError
-
-
-# Module-scoped versions of conftest's `tiny` (both tiny models) and `gpt2_like`, built by the
-# same seeded constructors. The models are never mutated (conftest's autouse fixture checks and
-# removes hooks after every test), and conftest's teardown walks every model ever created, so
-# building two per module instead of one per test keeps the suite fast.
-@pytest.fixture(scope="module", params=["gpt2_like", "gemma_like"])
-def tiny(request):
-    return make_gpt2_like() if request.param == "gpt2_like" else make_gemma_like()
-
-
-@pytest.fixture(scope="module")
-def gpt2_like():
-    return make_gpt2_like()
 
 
 def _data(model, n=12, seed=0):

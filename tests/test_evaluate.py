@@ -15,25 +15,11 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from conftest import make_gemma_like, make_gpt2_like, random_prompts
+from conftest import make_gpt2_like, random_prompts
 
 from steerlin import ConceptDirections
 from steerlin.errors import InputError, LayerError, NonFiniteError, ShapeError
 from steerlin.evaluate import Fidelity, exact_gains, fidelity, scan_gains
-
-
-# Module-scoped versions of conftest's `tiny` (both tiny models) and `gpt2_like`, built by the
-# same seeded constructors. The models are never mutated (conftest's autouse fixture checks and
-# removes hooks after every test), and conftest's teardown walks every model ever created, so
-# building two per module instead of one per test keeps the suite fast.
-@pytest.fixture(scope="module", params=["gpt2_like", "gemma_like"])
-def tiny(request):
-    return make_gpt2_like() if request.param == "gpt2_like" else make_gemma_like()
-
-
-@pytest.fixture(scope="module")
-def gpt2_like():
-    return make_gpt2_like()
 
 
 def _rel(a, b):

@@ -9,25 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_gemma_like, make_gpt2_like
 
 from steerlin.errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
 from steerlin.hooks import count_hooks, inject, resid_pre_name
-
-
-# Module-scoped versions of conftest's `tiny` (both tiny models) and `gpt2_like`, built by the
-# same seeded constructors. The models are never mutated (conftest's autouse fixture checks and
-# removes hooks after every test), and conftest's teardown walks every model ever created, so
-# building two per module instead of one per test keeps the suite fast.
-@pytest.fixture(scope="module", params=["gpt2_like", "gemma_like"])
-def tiny(request):
-    return make_gpt2_like() if request.param == "gpt2_like" else make_gemma_like()
-
-
-@pytest.fixture(scope="module")
-def gpt2_like():
-    return make_gpt2_like()
-
 
 ATOL = 1e-12
 

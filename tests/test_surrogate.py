@@ -13,28 +13,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_gemma_like, make_gpt2_like, random_prompts
+from conftest import make_gpt2_like, random_prompts
 
 from steerlin import ConceptDirections
 from steerlin.errors import FileFormatError, InputError, ShapeError
 from steerlin.evaluate import exact_gains
 from steerlin.krylov import gains_from_reduced
 from steerlin.surrogate import BASES, VARIANTS, Surrogate
-
-
-# Module-scoped versions of conftest's `tiny` (both tiny models) and `gpt2_like`, built by the
-# same seeded constructors. The models are never mutated (conftest's autouse fixture checks and
-# removes hooks after every test), and conftest's teardown walks every model ever created, so
-# building two per module instead of one per test keeps the suite fast.
-@pytest.fixture(scope="module", params=["gpt2_like", "gemma_like"])
-def tiny(request):
-    return make_gpt2_like() if request.param == "gpt2_like" else make_gemma_like()
-
-
-@pytest.fixture(scope="module")
-def gpt2_like():
-    return make_gpt2_like()
-
 
 FULL = 32  # d_model of the tiny models
 # A full-dimensional POD basis has fewer informative directions than d_model on few prompts:

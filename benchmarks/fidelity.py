@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default results/fidelity_<task>_<n>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     nc, no, ne = (int(x) for x in args.sizes.split(","))
@@ -54,7 +55,7 @@ def main() -> None:
             f" | {r['pearson']:.3f} | {r['spearman_raw']:.3f} | {r['pearson_raw']:.3f} |"
         )
     print({k: round(v, 1) for k, v in run.timings.items()})
-    out = Path(__file__).parent / "results" / f"fidelity_{args.task}_{nc}.json"
+    out = Path(args.out or Path(__file__).parent / "results" / f"fidelity_{args.task}_{nc}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(run.to_json(), indent=1))
 

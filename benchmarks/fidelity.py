@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON path (default results/fidelity_<task>_<n>.json)")
+    ap.add_argument("--out", default=None, help="JSON (default results/fidelity_<task>_<n>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     nc, no, ne = (int(x) for x in args.sizes.split(","))

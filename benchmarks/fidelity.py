@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py --task sst2 --sizes 100,50,50 --bases krylov,pod
     python benchmarks/fidelity.py --task irony --sizes 400,200,200
+    python benchmarks/fidelity.py --task sst2,irony,hate --sizes 400,200,200   # the issue-7 table
 
 Directions on the concept split, surrogates (each basis; both variants reported from one fit)
 on the operating split, scan_gains (eps=0.1, cached path) and exact_gains on the eval split;
@@ -20,7 +21,7 @@ from steerlin.experiments import run_fidelity
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--task", default="sst2", help="a task or a comma list (sst2,irony,hate)")
     ap.add_argument("--sizes", default="100,50,50", help="concept,operating,eval per class")
     ap.add_argument("--bases", default="krylov,pod")
     ap.add_argument("--readouts", default="concept,logits")
@@ -33,31 +34,40 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     nc, no, ne = (int(x) for x in args.sizes.split(","))
-    task = steerlin.load_task(args.task, data_dir=args.data_dir)
-    splits = task.split(nc, no, ne, seed=args.seed)
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    if args.out and len(tasks) > 1:
+        raise SystemExit(
+            "--out takes one task; several tasks write results/fidelity_<task>_<n>.json"
+        )
     model = steerlin.load_model()
-    run = run_fidelity(
-        model,
-        splits,
-        task=args.task,
-        d=args.d,
-        bases=args.bases.split(","),
-        readouts=args.readouts.split(","),
-        eps=args.eps,
-        label_words=(task.spec.positive_label_word, task.spec.negative_label_word),
-        seed=args.seed,
-    )
+    rows = []
+    for name in tasks:
+        task = steerlin.load_task(name, data_dir=args.data_dir)
+        splits = task.split(nc, no, ne, seed=args.seed)
+        run = run_fidelity(
+            model,
+            splits,
+            task=name,
+            d=args.d,
+            bases=args.bases.split(","),
+            readouts=args.readouts.split(","),
+            eps=args.eps,
+            label_words=(task.spec.positive_label_word, task.spec.negative_label_word),
+            seed=args.seed,
+        )
+        print(name, {k: round(v, 1) for k, v in run.timings.items()}, flush=True)
+        out = Path(args.out or Path(__file__).parent / "results" / f"fidelity_{name}_{nc}.json")
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(run.to_json(), indent=1))
+        rows += run.table()
+    print(f"\nFidelity at {args.sizes} per class, d = {args.d}, eps = {args.eps:g}\n")
     print("| task | readout | basis | variant | Spearman | Pearson | Spearman raw | Pearson raw |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in run.table():
+    for r in rows:
         print(
             f"| {r['task']} | {r['readout']} | {r['basis']} | {r['variant']} | {r['spearman']:.3f}"
             f" | {r['pearson']:.3f} | {r['spearman_raw']:.3f} | {r['pearson_raw']:.3f} |"
         )
-    print({k: round(v, 1) for k, v in run.timings.items()})
-    out = Path(args.out or Path(__file__).parent / "results" / f"fidelity_{args.task}_{nc}.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(run.to_json(), indent=1))
 
 
 if __name__ == "__main__":

@@ -662,6 +662,8 @@ def _load_parameters(model: HookedTransformer, weights: Path) -> None:
         with open(weights, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise FileFormatError(f"{_WEIGHTS} header is not a JSON object")
             header.pop("__metadata__", None)
             base, size = 8 + n, weights.stat().st_size
             if set(header) != set(params):
@@ -701,7 +703,7 @@ def _load_parameters(model: HookedTransformer, weights: Path) -> None:
                         param[i : i + len(buf)].copy_(buf)
     except FileFormatError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise FileFormatError(f"cannot read {_WEIGHTS}: {_first_line(exc)}") from exc
 
 

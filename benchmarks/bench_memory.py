@@ -135,7 +135,7 @@ def main() -> None:
     print(C.table(rows))
     print(
         f"\nparameters {base['param_mib']:.0f} MiB. ru_maxrss counts file-backed pages too: at the "
-        f"load peak {ms['file_at_peak_mib']:.0f} MiB of it were file pages (the mmapped weights). "
+        f"load peak {ms['file_at_peak_mib']:.0f} MiB were file pages (libraries). "
         f"Peak anonymous memory: model only {ms['peak_anon_mib']:.0f} MiB, whole fit run "
         f"{fs['peak_anon_mib']:.0f} MiB."
     )

@@ -10,9 +10,7 @@
   foreign, truncated, other-model and pickle files are refused without being unpickled.
 
 The "regressions" section guards bugs this file found (non-finite states/directions accepted,
-an unguarded format-version parse, a shape-less file loading for any model), fixed in 390ad94;
-its xfail(strict=True) tests document bugs still open (see each reason) and turn into
-failures once fixed, so the marker goes with the fix.
+an unguarded format-version parse, a shape-less file loading for any model), fixed in 390ad94.
 
 Tiny float64 models only (conftest), the whole file runs in a few seconds.
 """

@@ -7,6 +7,8 @@ Goals: hooks / cached time >= 100x; max relative difference of the gains <= 1e-4
     python benchmarks/bench_scan.py --hooks-n 200      # hooks on all 200 (~7 s/prompt: slow)
     python benchmarks/bench_scan.py --quick            # 16 prompts
     python benchmarks/bench_scan.py --threads 1,2      # each thread count
+    python benchmarks/bench_scan.py --join 10 --n 32 --hooks-n 32 \
+        --out benchmarks/results/bench_scan_long.json   # ~110-token prompts: the ratio grows with T
 
 The hook scan costs 2L = 36 full forwards per batch, ~7 s per SST-2 prompt on one loaded core,
 so by default it runs on the first 48 of the N prompts (--hooks-n). The headline `ratio` is
@@ -65,6 +67,12 @@ def main() -> None:
     p.add_argument("--concept-n", type=int, default=None, help="concept prompts per class (100)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument(
+        "--join",
+        type=int,
+        default=1,
+        help="join this many SST-2 sentences into one prompt (longer prompts; default 1)",
+    )
     args = p.parse_args()
     counts = C.thread_counts(args.threads)
     C.set_threads(counts[0])
@@ -76,8 +84,16 @@ def main() -> None:
     from steerlin import ConceptDirections, scan_gains
 
     model = C.load_gemma()
-    splits = C.sst2_splits(args.data_dir, n_concept, 0, math.ceil(n / 2), seed=args.seed)
-    prompts = C.texts(splits.eval)[:n]
+    splits = C.sst2_splits(
+        args.data_dir, n_concept, 0, math.ceil(n * args.join / 2), seed=args.seed
+    )
+    sentences = C.texts(splits.eval)
+    if args.join > 1:  # longer prompts: k consecutive eval sentences joined by spaces
+        sentences = [
+            " ".join(sentences[i : i + args.join])
+            for i in range(0, len(sentences) - args.join + 1, args.join)
+        ]
+    prompts = sentences[:n]
     sub = prompts[:hooks_n]
     dirs = ConceptDirections.fit(model, C.texts(splits.concept), list(splits.concept.labels))
     ntok = [model.to_tokens(t).shape[1] for t in prompts]
@@ -165,6 +181,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "eps": args.eps,
                 "n_layers": L,
+                "join": args.join,
                 "mean_tokens": sum(ntok) / n,
                 "max_tokens": max(ntok),
             },

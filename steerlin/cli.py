@@ -152,6 +152,26 @@ def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> s
     return "\n".join([head, sep, *body])
 
 
+def _fidelity(args, model, enc, task: str, *, readouts=("concept",), label_words=None):
+    """run_fidelity with the CLI's shared settings (Krylov basis, --d, --eps, --batch-size...)."""
+    from .experiments import run_fidelity
+
+    return run_fidelity(
+        model,
+        enc,
+        task=task,
+        d=args.d,
+        bases=("krylov",),
+        readouts=readouts,
+        eps=args.eps,
+        label_words=label_words,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        exact=True,
+        progress=args.progress,
+    )
+
+
 def _layers_str(layers: Iterable[int]) -> str:
     """[2, 3, 4, 7] -> "2-4,7"."""
     xs = sorted(int(x) for x in layers)
@@ -583,7 +603,6 @@ def cmd_demo(args) -> int:
     from . import plots
     from .controller import Controller
     from .evaluate import measure_shift
-    from .experiments import run_fidelity
 
     run = Run(args, "demo", "steerlin-demo")
     model = _load_model(args, run)
@@ -598,19 +617,7 @@ def cmd_demo(args) -> int:
     )
     enc = _encode_splits(model, splits)
     with run.timed("fidelity"):
-        tr = run_fidelity(
-            model,
-            enc,
-            task=task.name,
-            d=args.d,
-            bases=("krylov",),
-            readouts=("concept",),
-            eps=args.eps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            exact=True,
-            progress=args.progress,
-        )
+        tr = _fidelity(args, model, enc, task.name, readouts=("concept",))
     run.timings.update({f"fidelity/{k}": v for k, v in tr.timings.items()})
     sur = tr.surrogates["krylov/concept"]
     fid = tr.table()
@@ -1048,7 +1055,6 @@ def cmd_generate(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from . import plots
-    from .experiments import run_fidelity
 
     run = Run(args, "reproduce", "steerlin-reproduce")
     model = _load_model(args, run)
@@ -1067,20 +1073,7 @@ def cmd_reproduce(args) -> int:
         else:
             run.say(f"{name}: logit readout skipped ({note})")
         with run.timed(f"{name}/fidelity"):
-            tr = run_fidelity(
-                model,
-                enc,
-                task=name,
-                d=args.d,
-                bases=("krylov",),
-                readouts=readouts,
-                eps=args.eps,
-                label_words=lw,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                exact=True,
-                progress=args.progress,
-            )
+            tr = _fidelity(args, model, enc, name, readouts=readouts, label_words=lw)
         fid = tr.table()
         all_fid += fid
         tag = re.sub(r"[^\w.-]+", "_", name)
@@ -1138,7 +1131,6 @@ def cmd_reproduce(args) -> int:
 
 def cmd_scaling(args) -> int:
     from . import plots
-    from .experiments import run_fidelity
 
     run = Run(args, "scaling", "steerlin-scaling")
     names = _csv(args.models, what="--models")
@@ -1160,18 +1152,8 @@ def cmd_scaling(args) -> int:
         params = sum(p.numel() for p in model.parameters())
         try:
             with run.timed(f"{name}/fidelity"):
-                tr = run_fidelity(
-                    model,
-                    _encode_splits(model, splits),
-                    task=task.name,
-                    d=args.d,
-                    bases=("krylov",),
-                    readouts=("concept",),
-                    eps=args.eps,
-                    batch_size=args.batch_size,
-                    seed=args.seed,
-                    exact=True,
-                    progress=args.progress,
+                tr = _fidelity(
+                    args, model, _encode_splits(model, splits), task.name, readouts=("concept",)
                 )
             for r in tr.table():
                 rows.append(

@@ -654,8 +654,8 @@ def _load_parameters(model: HookedTransformer, weights: Path) -> None:
 
     The file is read (not memory-mapped) straight into each parameter's storage, so peak memory
     is the model alone: mapping it would add the whole file (1.7 GB for Gemma) to the process's
-    resident set while loading. A tensor whose dtype or layout differs goes through a buffer of
-    that one tensor.
+    resident set while loading. A tensor whose dtype or layout differs (float64 models, the
+    transposed W_U) goes through a buffer of at most ~64 MB of rows.
     """
     params = dict(model.named_parameters())
     try:

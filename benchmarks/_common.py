@@ -28,7 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_DATA = Path("/work/shared/data")
+#: The data folder: $STEERLIN_DATA_DIR, else ../shared/data beside the repository.
+DEFAULT_DATA = Path(os.environ.get("STEERLIN_DATA_DIR") or ROOT.parent / "shared" / "data")
 
 
 # ------------------------------------------------------------------------------------ flags
@@ -216,24 +217,14 @@ class RssSampler:
 
 
 def environment(args) -> dict[str, Any]:
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        tl = version("transformer-lens")
-    except Exception:  # pragma: no cover
-        tl = "?"
-    import steerlin
+    """The run's context: date, command, machine, load average, and `steerlin.report.versions`."""
+    from steerlin.report import versions
 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "quick": bool(getattr(args, "quick", False)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformer_lens": tl,
-        "steerlin": steerlin.__version__,
+        **versions(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "loadavg_start": list(os.getloadavg()),
@@ -241,58 +232,55 @@ def environment(args) -> dict[str, Any]:
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain-text table of dict rows (floats to 4 significant digits)."""
-    if not rows:
-        return "(no rows)"
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    columns = list(columns)
+    """A plain-text table of dict rows (`steerlin.report.text_table`)."""
+    from steerlin.report import text_table
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            if v != v or v in (float("inf"), float("-inf")):
-                return str(v)
-            if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-                return f"{v:.3e}"
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join([line, sep, *body])
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "tolist"):
-        return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-        return str(v)
-    return v
+    return text_table(rows, columns)
 
 
 def write_results(name: str, args, env: dict[str, Any], payload: dict[str, Any]) -> Path:
     """benchmarks/results/<name>.json (<name>_quick.json with --quick; or --out): env +
     payload, and the load average at the end."""
+    from steerlin.report import jsonable
+
     env = dict(env, loadavg_end=list(os.getloadavg()))
     suffix = "_quick" if getattr(args, "quick", False) else ""
     out = args.out or RESULTS / f"{name}{suffix}.json"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable({"benchmark": name, **env, **payload}), indent=1) + "\n")
+    doc = jsonable({"benchmark": name, **env, **payload})
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(
         f"\nwrote {out}  (load average start {env['loadavg_start'][0]:.2f}, "
         f"end {env['loadavg_end'][0]:.2f} on {env['cpu_count']} cores)"
     )
     return out
+
+
+# ------------------------------------------------------------------------------------ children
+
+#: help= of the internal flags (--child ...) the parent passes to a fresh interpreter
+HIDDEN = argparse.SUPPRESS
+
+
+def child_result(payload: dict[str, Any]) -> None:
+    """In a child: print the one RESULT line the parent reads."""
+    print("RESULT " + json.dumps(payload), flush=True)
+
+
+def run_child(script: str, flags: Sequence[str], what: str) -> tuple[dict[str, Any], float]:
+    """Run `python SCRIPT --child FLAGS` in a fresh interpreter (cold imports, its own RSS);
+    return its RESULT payload and the process's wall seconds."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(script).resolve()), "--child", *map(str, flags)]
+    say(f"fresh subprocess: {what}")
+    proc, wall, _ = timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"child ({what}) failed with exit code {proc.returncode}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :]), wall
 
 
 def verdict(value: float, goal: float, *, at_least: bool) -> str:

@@ -139,7 +139,7 @@ def main() -> None:
     dirs = ConceptDirections.fit(model, C.texts(splits.concept), list(splits.concept.labels))
     sur = Surrogate.fit(model, C.texts(splits.operating)[: args.fit_n], dirs, d=args.d)
     target = float(dirs.vectors[-1].norm())  # one class-mean gap along unit_L
-    sched = Controller(sur, target).schedule
+    sched = Controller(sur, target, units="raw").schedule
     C.say(f"schedule: {len(sched.layers)} hooked layers, target {target:.4g}")
 
     rows = []

@@ -12,11 +12,8 @@ Each child reports `import steerlin` and `load_model()` times separately, and it
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,26 +32,12 @@ def child(args) -> None:
     t2 = time.perf_counter()
     ok = model.cfg.n_layers
     out = {"import_s": t1 - t0, "load_s": t2 - t1, "n_layers": ok, "ru_maxrss_mib": C.max_rss_mib()}
-    print("RESULT " + json.dumps(out), flush=True)
+    C.child_result(out)
 
 
 def run_child(args, cache: Path, what: str) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        "--cache-dir",
-        str(cache),
-        "--threads",
-        str(args.threads),
-    ]
-    C.say(f"fresh subprocess: {what}")
-    proc, wall, _ = C.timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"child ({what}) failed with exit code {proc.returncode}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT ") :])
+    flags = ["--cache-dir", cache, "--threads", args.threads]
+    out, wall = C.run_child(__file__, flags, what)
     out["process_s"] = wall
     out["what"] = what
     C.say(f"{what}: load_model {out['load_s']:.1f} s (process {wall:.1f} s)")
@@ -64,8 +47,8 @@ def run_child(args, cache: Path, what: str) -> dict:
 def main() -> None:
     p = C.parser(__doc__.split("\n\n")[0])
     p.add_argument("--reloads", type=int, default=None, help="cached reloads (3; quick 1)")
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
-    p.add_argument("--cache-dir", default=None, help=argparse_hidden())
+    p.add_argument("--child", action="store_true", help=C.HIDDEN)
+    p.add_argument("--cache-dir", default=None, help=C.HIDDEN)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -98,12 +81,6 @@ def main() -> None:
             "cache_mib": cache_mib,
         },
     )
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

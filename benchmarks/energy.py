@@ -10,9 +10,22 @@ import argparse
 import json
 from pathlib import Path
 
+import _common as C
 import torch
 
 import steerlin
+from steerlin.experiments import separation
+from steerlin.report import jsonable, md_table
+
+COLUMNS = [
+    ("strategy", "strategy", ""),
+    ("energy", "energy Σu²", ".4g"),
+    ("ratio_to_llv", "ratio to LLV", ".3g"),
+    ("raw_energy", "raw energy", ".4g"),
+    ("raw_ratio_to_llv", "raw ratio", ".3g"),
+    ("measured_shift", "shift", ".4g"),
+    ("evaluations", "evals", ""),
+]
 
 
 def main() -> None:
@@ -21,7 +34,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="100,50,25", help="concept,operating,eval per class")
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--n-random", type=int, default=5)
-    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
+    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA), help="task data folder")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -32,24 +45,14 @@ def main() -> None:
         sp = steerlin.load_task(name, data_dir=args.data_dir).split(nc, no, ne, seed=0)
         dirs = steerlin.ConceptDirections.fit(model, sp.concept.texts, sp.concept.labels)
         sur = steerlin.Surrogate.fit(model, sp.operating.texts, dirs, d=args.d)
-        traj = steerlin.capture(model, sp.eval.texts)
-        y = traj.states[:, -1] @ dirs.unit[-1]
-        lab = torch.tensor(sp.eval.labels)
-        target = 0.5 * float(y[lab == 1].mean() - y[lab == 0].mean())
+        target = separation(model, sp.eval.texts, sp.eval.labels, dirs)["half_separation"]
         rows = steerlin.compare_energy(model, sp.eval.texts, sur, target, n_random=args.n_random)
         out[name] = {"target": target, "rows": rows}
         print(f"\n{name}: target {target:+.1f} (0.5 x class-mean separation)")
-        print("| strategy | energy Σu² | ratio to LLV | raw energy | raw ratio | shift | evals |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(
-                f"| {r['strategy']} | {r['energy']:.4g} | {r['ratio_to_llv']:.3g} | "
-                f"{r['raw_energy']:.4g} | {r['raw_ratio_to_llv']:.3g} | "
-                f"{r['measured_shift']:.4g} | {r['evaluations']} |"
-            )
+        print(md_table(rows, COLUMNS))
     path = Path(__file__).parent / "results" / "energy.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str))
+    path.write_text(json.dumps(jsonable(out), indent=1))
 
 
 if __name__ == "__main__":

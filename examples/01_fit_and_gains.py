@@ -1,6 +1,6 @@
 """Fit the LLV surrogate and check its per-layer steering gains against the full model.
 
-    python examples/01_fit_and_gains.py            # 100/50/50 prompts per class, d = 32
+    python examples/01_fit_and_gains.py            # 100/50/50 prompts per class, d = 8
     python examples/01_fit_and_gains.py --fast     # 16/8/8 per class, d = 8 (about a minute)
 
 Offline: Gemma-3-270m from steerlin's cache and the SST-2 sample shipped with steerlin.
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # scripts set threads; the library never does
-    n_concept, n_operating, n_eval, d = (16, 8, 8, 8) if args.fast else (100, 50, 50, 32)
+    n_concept, n_operating, n_eval, d = (16, 8, 8, 8) if args.fast else (100, 50, 50, 8)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="steerlin-ex01-"))
     out.mkdir(parents=True, exist_ok=True)
 

@@ -1,12 +1,13 @@
 """Steer generation with the minimum-energy schedule u* = Δy · h / ‖h‖², calibrated on the model.
 
-    python examples/02_steer_generation.py            # 100/50/50 per class, d = 32
+    python examples/02_steer_generation.py            # 100/50/50 per class, d = 8
     python examples/02_steer_generation.py --fast     # 16/8/8 per class, d = 8
 
 Fits the surrogate on the shipped SST-2 sample, asks the Controller for the least-energy
-schedule that moves the sentiment readout <unit_L, x_L> toward NEGATIVE, rescales it on the
-full model by bisection (`steerlin.calibrate`), and compares greedy generations with and
-without it. Also saves the schedule and a llama.cpp control vector to --out.
+schedule that moves the sentiment readout <unit_L, x_L> one class separation toward NEGATIVE,
+rescales it on the full model in the generation regime (`Controller.calibrate`), and compares
+greedy generations with and without it. Also saves the schedule and a llama.cpp control
+vector to --out.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from steerlin import (
     ConceptDirections,
     Controller,
     Surrogate,
-    calibrate,
-    capture,
     load_demo_task,
     load_model,
 )
+from steerlin.steer_eval import neutral_stems
 
 
 def main() -> None:
@@ -34,16 +34,15 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     ap.add_argument(
-        "--strength",
+        "--target",
         type=float,
-        default=15.0,
-        help="target = -STRENGTH × half the class-mean separation (default: 15: weaker "
-        "targets barely change greedy text)",
+        default=-1.0,
+        help="target in class separations (+ = positive; default -1: toward negative)",
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    n_concept, n_operating, n_eval, d = (16, 8, 8, 8) if args.fast else (100, 50, 50, 32)
+    n_concept, n_operating, n_eval, d = (16, 8, 8, 8) if args.fast else (100, 50, 50, 8)
     prompts = ["I think this film"] if args.fast else ["The movie was", "I think this film"]
     max_new = 12 if args.fast else 24
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="steerlin-ex02-"))
@@ -55,17 +54,14 @@ def main() -> None:
     dirs = ConceptDirections.fit(model, splits.concept.texts, splits.concept.labels)
     sur = Surrogate.fit(model, splits.operating.texts, dirs, d=d, progress=True)
 
-    # How far apart are the classes on the readout? y = <unit_L, x_L> on held-out prompts.
-    y = capture(model, splits.eval.texts).states[:, -1].double() @ dirs.unit[-1].double()
-    labels = torch.tensor(splits.eval.labels)
-    separation = float(y[labels == 1].mean() - y[labels == 0].mean())
-    target = -args.strength * 0.5 * separation  # toward the negative pole
-    print(f"class-mean separation {separation:.4g}; target shift {target:+.4g}")
-
-    # Minimum-energy schedule under the surrogate, restricted to blocks 2..L-1 so that it can
-    # also be exported as a llama.cpp control vector. Then the paper's bisection on the model.
-    ctrl = Controller(sur, target, layers=range(2, L))
-    cal = calibrate(model, splits.eval.texts, ctrl.schedule, target)
+    # Target in class separations (one = the concept split's class-mean difference of the
+    # readout, stored in the surrogate). Least-norm schedule restricted to blocks 2..L-1 so that
+    # it can also be exported as a llama.cpp control vector; then calibrated on the full model
+    # in the regime it is used in (last prompt token + every generated token).
+    ctrl = Controller(sur, args.target, layers=range(2, L))
+    print(f"sign convention: {ctrl.sign_convention}; {ctrl.targets[0].describe()}")
+    ctrl = ctrl.calibrate(model, neutral_stems()["calibration"], n_tokens=8)
+    cal = ctrl.calibration
     schedule = cal.schedule
     print(
         f"calibrated: multiplier {cal.multiplier:.3g}, measured shift {cal.measured_shift:+.4g}"
@@ -80,7 +76,7 @@ def main() -> None:
     # Steered vs unsteered greedy generation. The hooks live only inside the `with` block.
     for p in prompts:
         plain = model.generate(p, max_new_tokens=max_new, do_sample=False, verbose=False)
-        with schedule.apply(model):
+        with ctrl.apply(model):
             steered = model.generate(p, max_new_tokens=max_new, do_sample=False, verbose=False)
         print(f"\nprompt   : {p}\nunsteered: {plain}\nsteered  : {steered}")
 

@@ -5,26 +5,20 @@ system. steerlin identifies it from JVPs (`Surrogate.fit`), predicts per-layer s
 and gives the minimum-energy schedule for a target shift (`Controller`).
 """
 
-from .controller import Controller, Schedule
+from .backend import check_model, count_hooks
+from .control import Controller, Schedule
 from .data import TASKS, LabelledPrompts, Splits, Task, load_demo_task, load_task
 from .directions import ConceptDirections
 from .errors import SteerlinError
-from .evaluate import (
-    Calibration,
-    Fidelity,
-    calibrate,
-    compare_energy,
-    cross_gains,
-    exact_gains,
-    fidelity,
-    measure_shift,
-    scan_gains,
-)
-from .hooks import count_hooks, inject
-from .jacobians import FrozenContext, Readout, iter_contexts
-from .models import check_model, load_model
+from .frozen import FrozenContext, iter_contexts
+from .gains import cross_gains, exact_gains, scan_gains
+from .hooks import inject
+from .loading import load_model
+from .metrics import Fidelity, fidelity
+from .readouts import Readout
 from .surrogate import Surrogate
 from .trajectory import Trajectory, capture
+from .verify import Calibration, calibrate, compare_energy, measure_shift
 
 __version__ = "0.1.0"
 

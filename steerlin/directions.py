@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,11 +10,10 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
+from .backend import Model, check_model
 from .errors import FileFormatError, InputError, NonFiniteError, ShapeError
-from .hooks import check_model
-from .persist import check_model_meta, load_tensors, model_meta, save_tensors
+from .io import check_model_meta, load_tensors, model_meta, save_tensors
 from .trajectory import PromptsLike, Trajectory, capture
 
 
@@ -43,29 +43,41 @@ class ConceptDirections:
     An injection of amplitude u at layer l adds `u * scale_l * unit_l` to x_l: u = 0.1 is 10%
     of a typical residual norm there (Gemma-3-270m's residual grows from ~26 to ~31,000).
 
+    Sign convention: + is label 1 (v_l points from the class-0 mean to the class-1 mean);
+    `meta["label_names"]` = [name of label 0, name of label 1].
+
     Attributes:
         vectors: Float[L+1, H] the raw class-mean differences.
         unit: Float[L+1, H] unit vectors (zero where v_l = 0).
         scale: Float[L+1] mean residual norms.
         meta: model identity and fitting info.
+        logit_means: Float[2, V] the class means (label 0, label 1) of the next-token logits at
+            the last token, for the logit readout's class separation (None when fitted from
+            states without a model).
     """
 
     vectors: Float[torch.Tensor, "Lp1 H"]
     unit: Float[torch.Tensor, "Lp1 H"]
     scale: Float[torch.Tensor, " Lp1"]
     meta: dict[str, Any]
+    logit_means: Float[torch.Tensor, "2 V"] | None = None
 
     @classmethod
     def fit(
         cls,
-        model: HookedTransformer,
+        model: Model,
         prompts: PromptsLike | Trajectory,
         labels: Sequence[int] | torch.Tensor,
         *,
+        label_names: Sequence[str] | None = None,
         batch_size: int = 16,
         progress: bool = False,
     ) -> ConceptDirections:
-        """Fit directions on labelled prompts (or on an already captured Trajectory)."""
+        """Fit directions on labelled prompts (or on an already captured Trajectory).
+
+        label_names: (name of label 0, name of label 1), e.g. a task's class_names; stored
+        and printed with targets ("+" is label 1).
+        """
         check_model(model)
         if isinstance(prompts, Trajectory):
             traj = prompts
@@ -75,7 +87,14 @@ class ConceptDirections:
             check_labels(labels, len(prompts))
             traj = capture(model, prompts, batch_size=batch_size, progress=progress)
         y = check_labels(labels, len(traj))
-        return cls.from_states(traj.states, y, meta=model_meta(model))
+        meta = model_meta(model)
+        if label_names is not None:
+            names = [str(n) for n in label_names]
+            if len(names) != 2:
+                raise InputError(f"label_names: expected (label 0, label 1), got {label_names!r}")
+            meta["label_names"] = names
+        out = cls.from_states(traj.states, y, meta=meta)
+        return dataclasses.replace(out, logit_means=_logit_means(model, traj.states[:, -1], y))
 
     @classmethod
     def from_states(
@@ -103,8 +122,77 @@ class ConceptDirections:
         unit = torch.where(zero[:, None], torch.zeros_like(vectors), safe)
         scale = x.norm(dim=-1).mean(0)
         meta = dict(meta or {})
+        meta.setdefault("label_names", ["label 0", "label 1"])
         meta.update(n_prompts=int(x.shape[0]), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()))
         return cls(vectors=vectors, unit=unit, scale=scale, meta=meta)
+
+    @classmethod
+    def from_vectors(
+        cls,
+        model: Model,
+        vectors: Any,
+        prompts: PromptsLike | Trajectory,
+        *,
+        index: str = "resid_pre",
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> ConceptDirections:
+        """Directions you already have, with injection scales from a capture over `prompts`.
+
+        `vectors`: a tensor Float[L+1, H] (x_0..x_L) or Float[H] (the same at every layer), a
+        dict {layer: Float[H]}, a steering-vectors `SteeringVector`, a repeng `ControlVector`
+        or a path to a llama.cpp/repeng control-vector `.gguf` (see `steerlin.interop` for
+        the layer conventions: their index n is the OUTPUT of block n, steerlin's x_{n+1}).
+        Layers without a vector take the nearest given layer's (ties: the later one), so one
+        vector means one direction everywhere. `index="block_output"` reads a plain dict's
+        keys in the other tools' convention.
+
+        scale_l = mean ‖x_l‖ over `prompts` (any prompts that look like the ones you will
+        steer; no labels needed). The concept readout of a surrogate fitted on these
+        directions is ⟨unit_L, x_L⟩ along the (given or nearest) final direction.
+        """
+        from .interop import fill_nearest, to_steerlin_layers
+
+        check_model(model)
+        if isinstance(vectors, ConceptDirections):
+            vectors.check_for(model)
+            given, source = dict(enumerate(vectors.vectors)), "ConceptDirections"
+        else:
+            L, H = model.cfg.n_layers, model.cfg.d_model
+            given, source = to_steerlin_layers(vectors, L, H, index=index)
+        v = fill_nearest(given, model.cfg.n_layers + 1)
+        if isinstance(prompts, Trajectory):
+            traj = prompts
+        else:
+            if not isinstance(prompts, torch.Tensor) and len(prompts) == 0:
+                raise InputError("prompts: expected at least one prompt for the scales, got none")
+            traj = capture(model, prompts, batch_size=batch_size, progress=progress)
+        norms = v.norm(dim=-1)
+        zero = norms == 0
+        if zero.any():
+            raise InputError(
+                f"directions: zero vector at layers {zero.nonzero().flatten().tolist()}"
+            )
+        unit = (v / norms[:, None]).to(model.cfg.dtype)
+        scale = traj.states.norm(dim=-1).mean(0).to(model.cfg.dtype)
+        meta = model_meta(model) | {
+            "source": source,
+            "given_layers": sorted(given),
+            "n_prompts": len(traj),
+        }
+        return cls(vectors=v.to(model.cfg.dtype), unit=unit, scale=scale, meta=meta)
+
+    @classmethod
+    def from_gguf(
+        cls, model: Model, path, prompts: PromptsLike | Trajectory, **kwargs
+    ) -> ConceptDirections:
+        """Directions from a llama.cpp/repeng control-vector GGUF: `direction.N` is added to the
+        output of layer N, i.e. steerlin's x_{N+1} (see `steerlin.interop`)."""
+        from .interop import is_gguf_path
+
+        if not is_gguf_path(path):
+            raise InputError(f"path: expected a .gguf file, got {str(path)!r}")
+        return cls.from_vectors(model, path, prompts, **kwargs)
 
     @property
     def n_layers(self) -> int:
@@ -126,31 +214,57 @@ class ConceptDirections:
     def to(self, dtype=None, device=None) -> ConceptDirections:
         """A copy in another dtype/device."""
         conv = lambda t: t.to(dtype=dtype or t.dtype, device=device or t.device)
-        return ConceptDirections(conv(self.vectors), conv(self.unit), conv(self.scale), self.meta)
-
-    def save(self, path) -> None:
-        save_tensors(
-            path,
-            "ConceptDirections",
-            {"vectors": self.vectors, "unit": self.unit, "scale": self.scale},
-            self.meta,
+        lm = None if self.logit_means is None else conv(self.logit_means)
+        return ConceptDirections(
+            conv(self.vectors), conv(self.unit), conv(self.scale), self.meta, lm
         )
 
+    def separation(self, readout) -> float | None:
+        """One class separation of `readout` on the fitting (concept) split: mean readout of
+        label 1 minus label 0. Concept readout <d, x_L>: <d, v_L> (exact, linear). Logit
+        readout: from the stored class-mean logits (None if they were not stored)."""
+        if readout.kind == "concept":
+            d = readout.direction.to(torch.float64)
+            return float(d @ self.vectors[-1].to(torch.float64))
+        if self.logit_means is None:
+            return None
+        lm = self.logit_means.to(torch.float64)
+        pos, neg = readout.pos_token, readout.neg_token
+        return float((lm[1, pos] - lm[1, neg]) - (lm[0, pos] - lm[0, neg]))
+
+    @property
+    def label_names(self) -> list[str]:
+        """[name of label 0 (−), name of label 1 (+)]."""
+        return list(self.meta.get("label_names", ["label 0", "label 1"]))
+
+    def save(self, path) -> None:
+        tensors = {"vectors": self.vectors, "unit": self.unit, "scale": self.scale}
+        if self.logit_means is not None:
+            tensors["logit_means"] = self.logit_means
+        save_tensors(path, "ConceptDirections", tensors, self.meta)
+
     @classmethod
-    def load(cls, path, model: HookedTransformer | None = None) -> ConceptDirections:
+    def load(cls, path, model: Model | None = None) -> ConceptDirections:
         """Load; with `model`, refuse a file fitted on a model of another shape."""
         t, meta = load_tensors(path, "ConceptDirections")
         if model is not None:
             check_model_meta(meta, model.cfg, path)
-        if set(t) != {"vectors", "unit", "scale"} or t["unit"].shape != t["vectors"].shape:
+        base = {"vectors", "unit", "scale"}
+        if not base <= set(t) <= base | {"logit_means"} or t["unit"].shape != t["vectors"].shape:
             raise FileFormatError(f"{str(path)!r}: ConceptDirections file has unexpected tensors")
         if model is not None:
             check_model_meta(
                 {"n_layers": t["unit"].shape[0] - 1, "d_model": t["unit"].shape[1]}, model.cfg, path
             )
-        return cls(vectors=t["vectors"], unit=t["unit"], scale=t["scale"], meta=meta)
+        return cls(
+            vectors=t["vectors"],
+            unit=t["unit"],
+            scale=t["scale"],
+            meta=meta,
+            logit_means=t.get("logit_means"),
+        )
 
-    def check_for(self, model: HookedTransformer) -> None:
+    def check_for(self, model: Model) -> None:
         """Raise ShapeError unless these directions fit `model` (L+1 layers, d_model)."""
         L, H = model.cfg.n_layers, model.cfg.d_model
         if self.unit.shape != (L + 1, H):
@@ -163,6 +277,25 @@ class ConceptDirections:
             if bad.any():
                 where = bad.nonzero().flatten().tolist()
                 raise NonFiniteError(f"directions.{name}: non-finite values at layers {where}")
+
+
+def _logit_means(model, xL: torch.Tensor, y: torch.Tensor, chunk: int = 16):
+    """Class means [2, V] of the next-token logits from the final states (chunked), or None
+    if the model has no unembedding."""
+    if not hasattr(model, "unembed"):
+        return None
+    from .fisher import full_logits
+
+    V = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0 else model.cfg.d_vocab
+    sums = torch.zeros(2, V, dtype=torch.float64)
+    with torch.no_grad():
+        for s in range(0, xL.shape[0], chunk):
+            z = full_logits(model, xL[s : s + chunk].to(model.cfg.dtype)).to(torch.float64)
+            yy = y[s : s + chunk]
+            sums[0] += z[yy == 0].sum(0)
+            sums[1] += z[yy == 1].sum(0)
+    counts = torch.stack([(y == 0).sum(), (y == 1).sum()]).to(torch.float64)
+    return (sums / counts[:, None]).to(torch.float32)
 
 
 __all__ = ["ConceptDirections", "check_labels"]

@@ -1,8 +1,9 @@
 """Fit across processes: shard the operating prompts, all-reduce the sufficient statistics.
 
 `Surrogate.fit(..., distributed=True)` inside an initialised `torch.distributed` process group
-(gloo on CPU, nccl on GPU) gives every rank the same surrogate as one process would get on all
-prompts (to float64 summation order, ~1e-12). Every statistic the fit needs is a sum over
+(gloo on CPU; nccl on GPU, for which `all_reduce_sum` moves each statistic to the rank's CUDA
+device: only gloo has been run) gives every rank the same surrogate as one process would get on
+all prompts (to float64 summation order, ~1e-12). Every statistic the fit needs is a sum over
 prompts (the mean image of each basis column, the POD Gram matrix, the per-prompt gains and
 readout rows), so one all-reduce per layer is all the communication.
 
@@ -41,8 +42,17 @@ def shard_prompts(prompts):
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over all ranks (float64, a new tensor)."""
+    """Sum of `t` over all ranks (float64, a new tensor on `t`'s device).
+
+    gloo reduces CPU tensors; nccl reduces only CUDA tensors, so under nccl the sum travels on
+    this rank's current CUDA device and comes back to `t`'s device.
+    """
     out = t.detach().to(torch.float64).clone()
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+        buf = out.to(dev)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.to(t.device)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 

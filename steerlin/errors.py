@@ -41,7 +41,13 @@ class UnreachableTargetError(SteerlinError, RuntimeError):
     """Calibration found no multiplier within its bracket that reaches the target shift."""
 
 
+class UnsupportedFeatureError(SteerlinError, NotImplementedError):
+    """The fast frozen-context engine does not implement a feature of this model (use
+    engine="tl")."""
+
+
 __all__ = [
+    "UnsupportedFeatureError",
     "SteerlinError",
     "InputError",
     "ShapeError",

@@ -1,31 +1,43 @@
-"""Live hooks on a HookedTransformer: add vectors to the residual stream, as context managers.
+"""Live hooks on a model: add vectors to the residual stream, as context managers.
 
 Every hook here returns a new tensor (never writes in place, so it is safe under autograd and
-`torch.func`) and is registered through TransformerLens's own `model.hooks()` context, which
-tags hooks with a context level: nested `with` blocks remove only their own hooks, and the
-hooks are removed on exit and on any exception, KeyboardInterrupt included.
+`torch.func`) and is registered through the backend's hook context (for TransformerLens its
+own `model.hooks()`), which tags hooks with a context level: nested `with` blocks remove only
+their own hooks, and the hooks are removed on exit and on any exception, KeyboardInterrupt
+included. Which positions are steered is a pure function of each forward and of its own KV
+cache (`PositionPolicy`); nothing carries from one forward or generation to the next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformer_lens import HookedTransformer
 
+from . import backend
+from .backend import Model, check_model, count_hooks
 from .errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
-from .models import check_model
 
-Positions = Literal["last", "all", "generated"]
-POSITIONS = ("last", "all", "generated")
+Positions = Literal["last", "all", "generated"] | tuple[Literal["from"], int]
+POSITIONS = ("last", "all", "generated", ("from", "<index>"))
+#: The one default of every steering entry point (`inject`, `Schedule.apply`, `Controller.apply`,
+#: `Schedule.hooks`): the last real token of each forward, which is what the surrogate models
+#: (the frozen-context injection at the last token) and, under `model.generate` with its KV cache
+#: (TransformerLens's default), the last prompt token and every generated token.
+DEFAULT_POSITIONS = "last"
 
 
 def resid_pre_name(layer: int) -> str:
     """Hook name of the residual stream entering block `layer`."""
     return f"blocks.{layer}.hook_resid_pre"
+
+
+def resid_post_name(layer: int) -> str:
+    """Hook name of the residual stream leaving block `layer`."""
+    return f"blocks.{layer}.hook_resid_post"
 
 
 def check_layer(layer, n_layers: int, *, what: str = "layer", allow_final: bool = False) -> int:
@@ -54,98 +66,127 @@ def check_vector(vec, d_model: int, *, what: str, batched: bool = False) -> torc
     return vec
 
 
-@dataclass
-class _GenerationState:
-    """Tracks the prompt across the forwards of one generation (positions="generated")."""
+@dataclass(frozen=True)
+class PositionPolicy:
+    """Which positions of a forward receive the addition; a pure function of that forward.
 
-    prompt_len: int | None = None
-    total: int = 0
+    `offset` is the number of positions already in the forward's KV cache (TransformerLens's
+    `past_kv_cache_entry`, read per block when the forward runs), or None when the forward has no
+    cache. A column j of the forward is the absolute position `offset + j`.
 
-    def positions_for(self, seq_len: int) -> slice:
-        """Positions to steer in a forward over `seq_len` tokens.
-
-        A KV-cached generation step is a one-token forward: steer it. An uncached step is a
-        forward over everything so far plus one token: steer from the last prompt token on.
-        Anything else starts a new prompt: steer its last token. (A new prompt exactly one
-        token longer than everything processed so far looks like an uncached step: call
-        `Injection.reset()` between generations to be sure.)
-        """
-        if self.prompt_len is not None and seq_len == 1:
-            self.total += 1
-            return slice(0, 1)
-        if self.prompt_len is not None and seq_len == self.total + 1:
-            self.total = seq_len
-            return slice(self.prompt_len - 1, seq_len)
-        self.prompt_len = self.total = seq_len
-        return slice(seq_len - 1, seq_len)
-
-
-class Injection:
-    """Handle yielded by `inject`: the hooks' bookkeeping. `reset()` forgets the prompt length."""
-
-    def __init__(self, positions: str, lengths: torch.Tensor | None) -> None:
-        self.positions = positions
-        self.lengths = lengths
-        self._gen = _GenerationState()
-        self._first_layer: int | None = None
-
-    def reset(self) -> None:
-        """Start a new generation: the next forward is taken as a new prompt."""
-        self._gen = _GenerationState()
-
-    def _mask(self, resid: torch.Tensor, layer: int) -> torch.Tensor:
-        """[batch, pos, 1] 0/1 mask of the positions that receive the addition."""
-        batch, seq, _ = resid.shape
-        mask = torch.zeros(batch, seq, 1, dtype=resid.dtype, device=resid.device)
-        if self.positions == "all":
-            return mask + 1
-        if self.positions == "last":
-            if self.lengths is None:
-                mask[:, -1] = 1
-            else:
-                if self.lengths.shape[0] != batch:
-                    raise ShapeError(
-                        f"lengths: expected {batch} entries (the batch), got "
-                        f"{self.lengths.shape[0]}"
-                    )
-                idx = (self.lengths.to(resid.device) - 1).clamp(0, seq - 1)
-                mask[torch.arange(batch, device=resid.device), idx] = 1
-            return mask
-        # generated: one state update per forward, made by the earliest hooked layer
-        if self._first_layer is None or layer == self._first_layer:
-            self._cur = self._gen.positions_for(seq)
-        mask[:, self._cur] = 1
-        return mask
-
-
-@contextmanager
-def inject(
-    model: HookedTransformer,
-    additions: Mapping[int, torch.Tensor],
-    *,
-    positions: Positions = "last",
-    lengths: Sequence[int] | torch.Tensor | None = None,
-) -> Iterator[Injection]:
-    """Add `additions[l]` to `blocks.{l}.hook_resid_pre` while the context is open.
-
-    Args:
-        model: the model to steer.
-        additions: layer -> vector Float[d_model] (same for every sequence) or
-            Float[batch, d_model] (one per sequence of the batch that will run).
-        positions: "last" (each sequence's last real token: position `lengths-1` when
-            `lengths` is given for a right-padded batch, else the last position, which is right
-            for unpadded and left-padded batches), "all", or "generated" (the last prompt token
-            and every token generated after it; `model.generate` gives identical tokens with
-            `use_past_kv_cache=True` and `False`).
-        lengths: real lengths of a right-padded batch, for positions="last".
-
-    Yields:
-        An `Injection` handle (`reset()` before reusing one context for a second generation
-        with the KV cache off).
+    kind:
+        "last"      the last real token: column `lengths - 1 - offset` when `lengths` (real
+                    lengths of a right-padded batch, absolute) is given, else the last column
+                    (right for unpadded and left-padded batches).
+        "all"       every column.
+        "from"      absolute positions >= `start` (an int, or one int per row).
+        "generated" the prompt's last token and everything after it, read from the cache: a
+                    forward that starts an empty cache (offset 0) is the prompt (steer its last
+                    token, as "last"); a forward that continues a cache (offset > 0) holds only
+                    generated tokens (steer them all). A forward without a KV cache raises: it
+                    cannot say where the prompt ended; pass ("from", n_prompt - 1) there.
     """
-    check_model(model)
-    if positions not in POSITIONS:
-        raise InputError(f"positions: expected one of {POSITIONS}, got {positions!r}")
+
+    kind: str
+    start: tuple[int, ...] | int | None = None
+
+    def mask(
+        self,
+        batch: int,
+        seq: int,
+        offset: int | None,
+        lengths: torch.Tensor | None,
+        *,
+        device,
+        dtype,
+    ) -> torch.Tensor:
+        """[batch, seq, 1] 0/1 mask of the columns that receive the addition."""
+        if self.kind == "all":
+            return torch.ones(batch, seq, 1, dtype=dtype, device=device)
+        if self.kind == "generated":
+            if offset is None:
+                raise InputError(
+                    "positions='generated' reads where the prompt ends from the KV cache, and this "
+                    "forward has none (a plain forward, or model.generate(..., "
+                    "use_past_kv_cache=False)); use positions=('from', n_prompt_tokens - 1) or "
+                    "'last' there"
+                )
+            if offset > 0:
+                return torch.ones(batch, seq, 1, dtype=dtype, device=device)
+            return _last_mask(batch, seq, 0, lengths, device=device, dtype=dtype)
+        if self.kind == "last":
+            return _last_mask(batch, seq, offset or 0, lengths, device=device, dtype=dtype)
+        # from
+        start = torch.as_tensor(self.start, device=device).reshape(-1)
+        if start.numel() not in (1, batch):
+            raise ShapeError(
+                f"positions: ('from', ...) got {start.numel()} start indices for a batch of {batch}"
+            )
+        col = torch.arange(seq, device=device)[None, :] + (offset or 0)
+        return (col >= start[:, None]).to(dtype)[..., None].expand(batch, seq, 1)
+
+
+def _last_mask(batch, seq, offset, lengths, *, device, dtype) -> torch.Tensor:
+    mask = torch.zeros(batch, seq, 1, dtype=dtype, device=device)
+    if lengths is None:
+        mask[:, -1] = 1
+        return mask
+    if lengths.shape[0] != batch:
+        raise ShapeError(f"lengths: expected {batch} entries (the batch), got {lengths.shape[0]}")
+    col = lengths.to(device) - 1 - offset
+    rows = ((col >= 0) & (col < seq)).nonzero().flatten()
+    mask[rows, col[rows]] = 1
+    return mask
+
+
+def parse_positions(positions) -> PositionPolicy:
+    """Validate a position policy: "last", "all", "generated" or ("from", index)."""
+    if isinstance(positions, PositionPolicy):
+        return positions
+    if isinstance(positions, str) and positions in ("last", "all", "generated"):
+        return PositionPolicy(positions)
+    if isinstance(positions, tuple) and len(positions) == 2 and positions[0] == "from":
+        start = positions[1]
+        if isinstance(start, torch.Tensor):
+            start = start.tolist()
+        starts = [start] if not isinstance(start, Sequence) else list(start)
+        ok = starts and all(
+            hasattr(s, "__index__") and not isinstance(s, bool) and s.__index__() >= 0
+            for s in starts
+        )
+        if not ok:
+            raise InputError(
+                f"positions: ('from', index) needs a non-negative int index (or one per row), "
+                f"got {start!r}"
+            )
+        starts = tuple(s.__index__() for s in starts)
+        return PositionPolicy("from", starts[0] if not isinstance(start, Sequence) else starts)
+    raise InputError(
+        "positions: expected one of 'last', 'all', 'generated' or ('from', index), got "
+        f"{positions!r}"
+    )
+
+
+class _CacheProbe:
+    """Per-block record of the KV-cache offset of the forward now running (None: no cache).
+
+    The backend's position probe (for TransformerLens a forward pre-hook on each steered block
+    reading `past_kv_cache_entry.past_keys.shape[1]`) records it just before the block's own
+    `hook_resid_pre` fires, which takes it out again. Nothing carries from one forward to the
+    next: every value is read from that forward's own cache.
+    """
+
+    def __init__(self) -> None:
+        self.offsets: dict[int, int | None] = {}
+
+    def record(self, layer: int, offset: int | None) -> None:
+        self.offsets[layer] = offset
+
+    def take(self, layer: int) -> int | None:
+        return self.offsets.pop(layer, None)
+
+
+def _check_additions(model, additions) -> dict[int, torch.Tensor]:
     if not isinstance(additions, Mapping):
         raise ModelTypeError(
             f"additions: expected a mapping layer -> vector, got {type(additions).__name__}"
@@ -154,38 +195,121 @@ def inject(
     checked: dict[int, torch.Tensor] = {}
     for layer, vec in additions.items():
         layer = check_layer(layer, n_layers, what="additions layer")
-        vec = check_vector(vec, d_model, what=f"additions[{layer}]", batched=True)
-        checked[layer] = vec
+        checked[layer] = check_vector(vec, d_model, what=f"additions[{layer}]", batched=True)
+    return checked
+
+
+def _make_hook(layer: int, vec: torch.Tensor, policy: PositionPolicy, lengths, probe):
+    def hook(resid: torch.Tensor, hook) -> torch.Tensor:
+        v = vec.to(device=resid.device, dtype=resid.dtype)
+        if v.ndim == 2:
+            if v.shape[0] != resid.shape[0]:
+                raise ShapeError(
+                    f"additions[{layer}]: {v.shape[0]} per-sequence vectors for a batch "
+                    f"of {resid.shape[0]}"
+                )
+            v = v[:, None, :]
+        offset = probe.take(layer) if probe is not None else None
+        batch, seq, _ = resid.shape
+        mask = policy.mask(batch, seq, offset, lengths, device=resid.device, dtype=resid.dtype)
+        return resid + mask * v
+
+    return hook
+
+
+def steering_hooks(
+    model: Model,
+    additions: Mapping[int, torch.Tensor],
+    *,
+    positions: Positions = DEFAULT_POSITIONS,
+    lengths: Sequence[int] | torch.Tensor | None = None,
+) -> list[tuple[str, Callable]]:
+    """Stateless `[(hook_name, fn)]` adding `additions[l]` at `blocks.{l}.hook_resid_pre`.
+
+    For `model.run_with_hooks(tokens, fwd_hooks=...)` or `with model.hooks(fwd_hooks=...)` on
+    forwards WITHOUT a KV cache (a TransformerLens hook sees only the residual, not the cache):
+    column j is position j. positions: "last", "all" or ("from", index); "generated" needs the
+    cache's position and is available through `inject` / `Schedule.apply` only.
+    """
+    check_model(model)
+    policy = parse_positions(positions)
+    if policy.kind == "generated":
+        raise InputError(
+            "positions='generated' needs each forward's KV-cache position, which plain "
+            "(hook_name, fn) pairs cannot see; use `with steerlin.inject(...)` or "
+            "`with schedule.apply(model, positions='generated')`, or ('from', index) here"
+        )
+    checked = _check_additions(model, additions)
+    len_t = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+    return [
+        (resid_pre_name(l), _make_hook(l, v, policy, len_t, None))
+        for l, v in sorted(checked.items())
+    ]
+
+
+class Injection:
+    """Handle yielded by `inject`: the policy and lengths in force (no state of its own)."""
+
+    def __init__(self, positions, lengths: torch.Tensor | None) -> None:
+        self.positions = positions
+        self.lengths = lengths
+
+
+@contextmanager
+def inject(
+    model: Model,
+    additions: Mapping[int, torch.Tensor],
+    *,
+    positions: Positions = DEFAULT_POSITIONS,
+    lengths: Sequence[int] | torch.Tensor | None = None,
+) -> Iterator[Injection]:
+    """Add `additions[l]` to `blocks.{l}.hook_resid_pre` while the context is open.
+
+    Args:
+        model: the model to steer.
+        additions: layer -> vector Float[d_model] (same for every sequence) or
+            Float[batch, d_model] (one per sequence of the batch that will run).
+        positions: which positions of each forward are steered (see `PositionPolicy`); every
+            forward is judged on its own, with its own KV-cache position, so one context serves
+            any number of forwards and generations:
+            "last" (default): the last real token (`lengths - 1` for a right-padded batch when
+            `lengths` is given, else the last column). Under `model.generate` with the KV cache
+            (TransformerLens's default) that is the last prompt token and then every generated
+            token. With `use_past_kv_cache=False` every step re-runs the whole sequence and
+            only its newest token is steered; pass ("from", n_prompt - 1) for the cached result.
+            "all": every position. ("from", i): absolute positions >= i (cache offset included).
+            "generated": the last prompt token and every token after it, read from the cache;
+            a forward without a KV cache raises InputError.
+        lengths: real lengths of a right-padded batch (for "last" and "generated").
+
+    Yields:
+        An `Injection` handle (positions and lengths; no state).
+    """
+    check_model(model)
+    policy = parse_positions(positions)
+    checked = _check_additions(model, additions)
     len_t = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
     handle = Injection(positions, len_t)
-    handle._first_layer = min(checked) if checked else None
-
-    def make_hook(layer: int, vec: torch.Tensor):
-        def hook(resid: torch.Tensor, hook) -> torch.Tensor:
-            v = vec.to(device=resid.device, dtype=resid.dtype)
-            if v.ndim == 2:
-                if v.shape[0] != resid.shape[0]:
-                    raise ShapeError(
-                        f"additions[{layer}]: {v.shape[0]} per-sequence vectors for a batch "
-                        f"of {resid.shape[0]}"
-                    )
-                v = v[:, None, :]
-            return resid + handle._mask(resid, layer) * v
-
-        return hook
-
-    fwd_hooks = [(resid_pre_name(l), make_hook(l, v)) for l, v in sorted(checked.items())]
-    with model.hooks(fwd_hooks=fwd_hooks):
+    probe = _CacheProbe()
+    fwd_hooks = [
+        (resid_pre_name(l), _make_hook(l, v, policy, len_t, probe))
+        for l, v in sorted(checked.items())
+    ]
+    be = backend.get(model)
+    with be.position_probe(model, sorted(checked), probe.record), be.hooks(model, fwd_hooks):
         yield handle
 
 
-def count_hooks(model: HookedTransformer) -> int:
-    """Number of live forward/backward hooks on every hook point of `model` (0 when clean)."""
-    total = 0
-    for hp in model.hook_dict.values():
-        total += len(hp._forward_hooks) + len(hp._backward_hooks)
-        total += len(getattr(hp, "fwd_hooks", [])) + len(getattr(hp, "bwd_hooks", []))
-    return total
-
-
-__all__ = ["inject", "Injection", "count_hooks", "resid_pre_name", "check_model", "POSITIONS"]
+__all__ = [
+    "DEFAULT_POSITIONS",
+    "POSITIONS",
+    "Injection",
+    "PositionPolicy",
+    "check_model",
+    "count_hooks",
+    "inject",
+    "parse_positions",
+    "resid_post_name",
+    "resid_pre_name",
+    "steering_hooks",
+]

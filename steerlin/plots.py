@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .errors import InputError  # noqa: E402
-from .evaluate import fidelity  # noqa: E402
+from .metrics import fidelity  # noqa: E402
 
 DPI = 130
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -255,6 +255,128 @@ def plot_ablation(
     return _save(fig, path)
 
 
+def plot_fidelity_vs_d(
+    rows: Sequence[Mapping[str, Any]], path, *, hue: str = "model", title: str | None = None
+) -> Path:
+    """Reduction fidelity against the order d, in raw units, one curve per `hue` value.
+
+    Left: raw-unit Spearman of the surrogate vs exact gains on the operating prompts
+    ("red_raw_spearman"), with the identity-Jacobian null of the same curve dashed. Right:
+    median per-layer relative error ("red_rel_err_median", log scale). A dotted line marks
+    each curve's d = L + 1 ("n_layers" + 1), where the mean model is realised exactly.
+    """
+    rows = [r for r in rows if r.get("d") is not None and r.get("red_raw_spearman") is not None]
+    if not rows:
+        raise InputError("rows: expected rows with 'd' and 'red_raw_spearman', got none")
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(hue, "")), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharex=True)
+    xs = sorted({float(r["d"]) for r in rows})
+    for i, (label, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: float(r["d"]))
+        col = COLORS[i % 10]
+        d = [float(r["d"]) for r in rs]
+        axes[0].plot(
+            d, [float(r["red_raw_spearman"]) for r in rs], "o-", color=col, lw=2, label=label
+        )
+        nul = [r.get("red_null_identity_raw_spearman") for r in rs]
+        if all(v is not None and np.isfinite(v) for v in nul):
+            axes[0].plot(
+                d, nul, "--", color=col, lw=1, alpha=0.7, label=f"{label}: identity-Jacobian null"
+            )
+        axes[1].plot(
+            d, [float(r["red_rel_err_median"]) for r in rs], "o-", color=col, lw=2, label=label
+        )
+        if rs[0].get("n_layers"):
+            for ax in axes:
+                ax.axvline(int(rs[0]["n_layers"]) + 1, color=col, ls=":", lw=1)
+    for ax in axes:
+        if len(xs) > 1 and xs[0] > 0 and xs[-1] / xs[0] >= 8:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.minorticks_off()
+        ax.set_xlabel("reduced order d (dotted: L + 1, exact realisation of the mean model)")
+        ax.grid(alpha=0.3)
+    nulls = [r.get("red_null_identity_raw_spearman") for r in rows]
+    lo = min(
+        [float(r["red_raw_spearman"]) for r in rows]
+        + [float(v) for v in nulls if v is not None and np.isfinite(v)]
+    )
+    axes[0].set_ylim(_lower(lo), 1.01)
+    axes[0].set_ylabel("raw-unit Spearman vs exact gains")
+    axes[0].set_title("reduction: rank agreement (raw units)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("median per-layer relative error")
+    axes[1].set_title("reduction: per-layer error vs exact gains")
+    fig.suptitle(title or "Surrogate reduction error vs order d", fontsize=12)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_d_sweep(
+    rows: Sequence[Mapping[str, Any]],
+    path,
+    *,
+    metric: str = "red_rel_err_median",
+    variant: str = "per-prompt",
+    title: str | None = None,
+) -> Path:
+    """The d sweep of a fidelity benchmark: one panel per (task, readout), one curve per basis.
+
+    Rows: summary rows with "task", "readout", "basis", "d", "variant" and `metric` as a list
+    over seeds (plotted as mean with a min-max band); the identity-Jacobian null of the same
+    metric is drawn grey and dashed when present (its key with "null_identity_" inserted).
+    Default metric: median per-layer relative error vs exact gains (log scale).
+    """
+    rows = [r for r in rows if r.get("variant") == variant and r.get(metric) is not None]
+    if not rows:
+        raise InputError(f"rows: none with variant {variant!r} and {metric!r}")
+    panels = sorted({(r["task"], r["readout"]) for r in rows})
+    bases = sorted({r["basis"] for r in rows})
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+    null_key = metric.replace("red_", "red_null_identity_").replace("e2e_", "e2e_null_identity_")
+    log = "rel_err" in metric
+    vals = lambda v: np.array([x for x in np.atleast_1d(v) if x is not None], dtype=float)
+    for ax, (task, rd) in zip(axes.flat, panels, strict=False):
+        sub = [r for r in rows if r["task"] == task and r["readout"] == rd]
+        for i, b in enumerate(bases):
+            rs = sorted((r for r in sub if r["basis"] == b), key=lambda r: int(r["d"]))
+            if not rs:
+                continue
+            d = [int(r["d"]) for r in rs]
+            v = [vals(r[metric]) for r in rs]
+            col = COLORS[i % 10]
+            ax.plot(d, [x.mean() for x in v], "o-", color=col, lw=2, label=b)
+            ax.fill_between(d, [x.min() for x in v], [x.max() for x in v], color=col, alpha=0.15)
+        nul = [r for r in sub if r.get(null_key) is not None]
+        if nul:
+            m = np.mean([vals(r[null_key]).mean() for r in nul])
+            ax.axhline(m, color="grey", ls="--", lw=1.2, label="identity-Jacobian null")
+        ds = sorted({int(r["d"]) for r in sub})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ds, [str(x) for x in ds])
+        ax.minorticks_off()
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"{task}, {rd} readout", fontsize=10)
+        ax.set_xlabel("order d")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel(metric.replace("_", " "))
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    axes.flat[0].legend(list(handles.values()), list(handles), fontsize=8)
+    fig.suptitle(title or f"{metric} vs d ({variant})", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_scaling(
     rows: Sequence[Mapping[str, Any]], path, *, title: str = "Surrogate fidelity vs model size"
 ) -> Path:
@@ -317,4 +439,12 @@ def plot_scaling(
     return _save(fig, path)
 
 
-__all__ = ["plot_gains", "plot_energy", "plot_schedule", "plot_ablation", "plot_scaling"]
+__all__ = [
+    "plot_gains",
+    "plot_energy",
+    "plot_schedule",
+    "plot_ablation",
+    "plot_fidelity_vs_d",
+    "plot_d_sweep",
+    "plot_scaling",
+]

@@ -8,23 +8,25 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
-from . import krylov
+from .backend import Model, check_model
 from .directions import ConceptDirections
-from .errors import FileFormatError, InputError, NonFiniteError, ShapeError
-from .hooks import check_model
-from .jacobians import FrozenContext, Readout, iter_contexts, make_readout
-from .persist import check_model_meta, load_tensors, model_meta, save_tensors
-from .trajectory import PromptsLike
+from .errors import FileFormatError, InputError, ShapeError
+from .fit_inputs import FitInputs, resolve_inputs, split_labelled
+from .frozen import iter_contexts, layerwise_contexts
+from .identify import fit_core, identity_reduce, observability_grams
+from .io import check_model_meta, load_tensors, model_meta, save_tensors
+from .readouts import Readout, make_readout
 
-Basis = Literal["krylov", "pod", "random"]
+Basis = Literal["krylov", "two-sided", "observable", "pod", "random"]
 Variant = Literal["per-prompt", "paper"]
-BASES = ("krylov", "pod", "random")
+BASES = ("krylov", "two-sided", "observable", "pod", "random")
 VARIANTS = ("per-prompt", "paper")
 DEFAULT_VARIANT: Variant = "per-prompt"
-DEFAULT_BASIS: Basis = "krylov"
+DEFAULT_BASIS: Basis = "two-sided"
+#: Default order: a real reduction on an 18-30 block model (d >= L + 1 realises the mean model
+#: exactly, docs/method.md).
+DEFAULT_D = 8
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Surrogate:
     gains_paper: Float[torch.Tensor, " L"]
     gains_std: Float[torch.Tensor, " L"]
     meta: dict[str, Any] = field(default_factory=dict)
+    directions: ConceptDirections | None = field(default=None, compare=False, repr=False)
+    gains_identity: Float[torch.Tensor, " L"] | None = None
+    hankel: Float[torch.Tensor, "Lp1 d"] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -83,6 +88,15 @@ class Surrogate:
     def variant(self) -> str:
         return self.meta.get("variant", DEFAULT_VARIANT)
 
+    def order(self, rtol: float = 1e-3) -> list[int]:
+        """Per layer, how many Hankel singular values exceed `rtol` times that layer's largest:
+        the number of dimensions the input-output map from injections to the readout really
+        uses there (bounded by d; a count equal to d says d is too small to tell)."""
+        if self.hankel is None:
+            raise InputError("order: this surrogate has no Hankel singular values (an old file)")
+        top = self.hankel.max(dim=-1, keepdim=True).values
+        return (self.hankel > rtol * top.clamp_min(1e-300)).sum(-1).tolist()
+
     def predict(self, u: Float[torch.Tensor, " L"] | Sequence[float]) -> torch.Tensor:
         """Predicted readout shift for a schedule u (norm-relative units): gains @ u."""
         u = torch.as_tensor(u, dtype=torch.float64)
@@ -94,48 +108,155 @@ class Surrogate:
     @classmethod
     def fit(
         cls,
-        model: HookedTransformer,
-        prompts: PromptsLike,
-        directions: ConceptDirections,
+        model: Model,
+        prompts: Any,
+        directions: Any = None,
         *,
-        d: int = 32,
+        d: int = DEFAULT_D,
         basis: Basis = DEFAULT_BASIS,
         readout: str | Readout = "concept",
         variant: Variant = DEFAULT_VARIANT,
-        label_words: Sequence[str] | None = None,
+        label_words: Sequence[str] | Sequence[int] | None = None,
+        concept_fraction: float = 0.5,
         batch_size: int = 16,
         seed: int = 0,
         progress: bool = False,
         distributed: bool = False,
+        engine: str = "auto",
     ) -> Surrogate:
         """Identify the surrogate from JVPs at the operating prompts' clean trajectories.
 
         Layer by layer: push the d columns of P_l through every prompt's A_l (vmapped JVPs on
         the frozen-context single-token path), choose P_{l+1} from those images, and reduce.
 
+        What fit needs: operating prompts (where the dynamics are identified) and concept
+        directions (what is injected and read). Either comes from `prompts`, or `directions`:
+
+        - `Splits`: directions from `concept` (class means), identification on `operating`;
+          `eval` is untouched (no prompt is used twice).
+        - `Task`: split with `task.split(400, 200, 200, seed=seed)` (the paper's sizes, per
+          class), then as `Splits`; the same call gives you the held-out `eval` split.
+        - `LabelledPrompts` or a tuple `(prompts, labels)` (strings or token-id lists, 0/1
+          labels): each class is split with `seed` into disjoint concept (`concept_fraction`,
+          default half) and operating prompts.
+        - plain prompts (strings, token-id lists or a [n, T] tensor) with `directions=`: all of
+          them are operating prompts.
+        - `directions=`: a `ConceptDirections`, or vectors you bring (a tensor [L+1, H] or [H],
+          a dict layer -> vector, a steering-vectors `SteeringVector`, a repeng
+          `ControlVector`, a `.gguf` control vector: see `ConceptDirections.from_vectors`,
+          whose scales are then measured on the concept prompts if `prompts` has them, else on
+          the operating prompts). Labels in `prompts` are then not needed. The concept readout
+          is ⟨unit_L, x_L⟩ along the final direction.
+
         Args:
             model: the model (its own dtype is used for the JVPs; the reduction is float64).
-            prompts: the operating split (strings or token ids).
-            directions: concept directions fitted on the (disjoint) concept split.
+            prompts: see above.
+            directions: see above; `None` to fit them from the labels in `prompts`.
             d: reduced order.
             basis: "krylov" (reachability recursion P_{l+1} = orth[unit_{l+1}, mean A_l P_l]),
+                "two-sided" (interleaves the leading observability directions, principal
+                directions of the prompts' readout gradients propagated backwards by VJPs,
+                w_l = A_lᵀ w_{l+1}, with the Krylov reachability directions),
+                "observable" (observability directions only),
                 "pod" (principal directions of the prompts' propagated injection responses),
                 "random" (unit_l then random orthonormal columns: the paper's ablation).
+                See docs/method.md for which to use and why.
             readout: "concept" (<unit_L, x_L>) or "logits" (logit difference of label_words).
             variant: "per-prompt" (default) or "paper" (gains of the single mean model).
+            concept_fraction: share of each class used for directions when `prompts` is a
+                `LabelledPrompts` or `(prompts, labels)` and `directions` is None.
             batch_size: prompts per JVP batch.
-            seed: for random basis columns (and breakdown fill).
+            seed: for the concept/operating split, random basis columns (and breakdown fill).
             distributed: shard prompts over an initialised torch.distributed group and
                 all-reduce the statistics (see `steerlin.distributed`).
+            engine: frozen-context engine for the JVPs/VJPs, "auto" (default: the fast
+                engine where it implements the model), "fast" or "tl" (`steerlin.frozen`).
+
+        The fitted `Surrogate.directions` holds the directions used, for `scan_gains`,
+        `exact_gains` and friends.
         """
+        return cls._fit_many(
+            model,
+            prompts,
+            directions,
+            orders=[int(d)],
+            basis=basis,
+            readout=readout,
+            variant=variant,
+            label_words=label_words,
+            concept_fraction=concept_fraction,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            distributed=distributed,
+            engine=engine,
+        )[int(d)]
+
+    @classmethod
+    def fit_orders(
+        cls, model: Model, prompts: Any, directions: Any = None, *, orders: Sequence[int], **kwargs
+    ) -> dict[int, Surrogate]:
+        """Surrogates of several orders d from ONE identification at max(orders).
+
+        The "krylov", "two-sided" and "observable" bases are nested: P_l of order d' is the
+        first d' columns of P_l of order d > d' (the candidates are taken in the same order,
+        and the observability directions do not depend on the basis), so every reduced matrix
+        of order d' is the top-left block of order d's, per prompt, and the result equals
+        separate fits (tests check it). One fit costs what the largest order costs. For
+        "random" the truncation is a random basis too, but another draw than a separate fit
+        with the same seed. "pod" is not nested (its statistic depends on the basis) and is
+        fitted once per order. Keyword arguments are those of `fit` (`directions=` included).
+        """
+        orders = sorted({int(o) for o in orders})
+        if not orders:
+            raise InputError("orders: expected at least one reduced order d")
+        if kwargs.get("basis", DEFAULT_BASIS) == "pod":
+            return {o: cls.fit(model, prompts, directions, d=o, **kwargs) for o in orders}
+        return cls._fit_many(model, prompts, directions, orders=orders, **kwargs)
+
+    @classmethod
+    def _fit_many(
+        cls,
+        model: Model,
+        prompts: Any,
+        directions: Any = None,
+        *,
+        orders: Sequence[int],
+        basis: Basis = DEFAULT_BASIS,
+        readout: str | Readout = "concept",
+        variant: Variant = DEFAULT_VARIANT,
+        label_words: Sequence[str] | None = None,
+        concept_fraction: float = 0.5,
+        batch_size: int = 16,
+        seed: int = 0,
+        progress: bool = False,
+        distributed: bool = False,
+        engine: str = "auto",
+    ) -> dict[int, Surrogate]:
+        """`fit` at max(orders), one Surrogate per order (see `fit_orders`)."""
+        d = max(orders)
         check_model(model)
-        directions.check_for(model)
-        if not 1 <= int(d) <= model.cfg.d_model:
-            raise InputError(f"d: expected 1 <= d <= d_model={model.cfg.d_model}, got {d}")
+        for o in orders:
+            if not 1 <= int(o) <= model.cfg.d_model:
+                raise InputError(f"d: expected 1 <= d <= d_model={model.cfg.d_model}, got {o}")
         if basis not in BASES:
             raise InputError(f"basis: expected one of {BASES}, got {basis!r}")
         if variant not in VARIANTS:
             raise InputError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        inputs = resolve_inputs(
+            prompts, labels_needed=directions is None, seed=seed, concept_fraction=concept_fraction
+        )
+        if directions is None:
+            directions = ConceptDirections.fit(
+                model, inputs.concept, inputs.concept_labels, batch_size=batch_size
+            )
+        elif not isinstance(directions, ConceptDirections):
+            scale_prompts = inputs.concept if inputs.concept is not None else inputs.operating
+            directions = ConceptDirections.from_vectors(
+                model, directions, scale_prompts, batch_size=batch_size
+            )
+        directions.check_for(model)
+        prompts = inputs.operating
         unit = directions.unit.to(torch.float64)
         zero = (unit[1:].norm(dim=-1) == 0).nonzero().flatten()
         if len(zero):
@@ -144,56 +265,96 @@ class Surrogate:
                 "surrogate needs a non-zero unit_l for l >= 1"
             )
         rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
-        reduce = _identity_reduce
+        reduce = identity_reduce
         if distributed:
             from .distributed import all_reduce_sum, shard_prompts
 
             prompts = shard_prompts(prompts)
             reduce = all_reduce_sum
-        contexts = list(iter_contexts(model, prompts, batch_size=batch_size))
-        stats = _fit_core(model, contexts, directions, rd, int(d), basis, seed, progress, reduce)
+        # streamed: each batch keeps its residual at the current layer and one block's K/V
+        # (one forward in all over the layer-major sweep), not every block's K/V
+        with torch.no_grad():  # JVPs/VJPs via torch.func only; no graph through a user's parameters
+            obs_gram = None
+            if basis in ("two-sided", "observable"):
+                # pass 1, streamed like the sweep: one batch's full context at a time, its
+                # backward vectors w_l(p) folded into the observability statistic, then freed
+                # (one extra forward per batch)
+                batches = iter_contexts(model, prompts, batch_size=batch_size, engine=engine)
+                obs_gram = observability_grams(model, batches, rd, reduce)
+            contexts = layerwise_contexts(model, prompts, batch_size=batch_size, engine=engine)
+            stats = fit_core(
+                model,
+                contexts,
+                directions,
+                rd,
+                int(d),
+                basis,
+                seed,
+                progress,
+                reduce,
+                orders,
+                obs_gram=obs_gram,
+            )
         n_total = int(stats.pop("n"))
-        meta = model_meta(model) | {
-            "d": int(d),
-            "basis": basis,
-            "variant": variant,
-            "readout": rd.to_meta(),
-            "n_prompts": n_total,
-            "seed": seed,
-            "scale": directions.scale.to(torch.float64).tolist(),
-        }
-        gains = stats["gains_prompt"] if variant == "per-prompt" else stats["gains_paper"]
-        return cls(
-            P=stats["P"],
-            A=stats["A"],
-            B=stats["B"],
-            c=stats["c"],
-            gains=gains,
-            gains_paper=stats["gains_paper"],
-            gains_std=stats["gains_std"],
-            meta=meta,
-        )
+        out = {}
+        for o in orders:
+            st = stats if o == d else stats["orders"][o]
+            meta = model_meta(model) | {
+                "d": int(o),
+                "basis": basis,
+                "variant": variant,
+                "readout": rd.to_meta(),
+                "n_prompts": n_total,
+                "seed": seed,
+                "scale": directions.scale.to(torch.float64).tolist(),
+                "inputs": inputs.how,
+                "n_concept": 0 if inputs.concept is None else len(inputs.concept),
+                "directions_source": directions.meta.get("source", "class means"),
+                # target units: one class separation of this readout on the concept split
+                "separation": _separation_meta(directions, rd),
+                "label_names": list(directions.meta.get("label_names", ["label 0", "label 1"])),
+            }
+            gains = st["gains_prompt"] if variant == "per-prompt" else st["gains_paper"]
+            out[o] = cls(
+                P=st["P"],
+                A=st["A"],
+                B=st["B"],
+                c=st["c"],
+                gains=gains,
+                gains_paper=st["gains_paper"],
+                gains_std=st["gains_std"],
+                meta=meta,
+                directions=directions,
+                gains_identity=stats["gains_identity"],
+                hankel=st["hankel"],
+            )
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """safetensors (P, A, B, c, gains) + JSON metadata."""
-        save_tensors(
-            path,
-            "Surrogate",
-            {
-                "P": self.P,
-                "A": self.A,
-                "B": self.B,
-                "c": self.c,
-                "gains": self.gains,
-                "gains_paper": self.gains_paper,
-                "gains_std": self.gains_std,
-            },
-            self.meta,
-        )
+        """safetensors (P, A, B, c, gains, and the directions if known) + JSON metadata."""
+        tensors = {
+            "P": self.P,
+            "A": self.A,
+            "B": self.B,
+            "c": self.c,
+            "gains": self.gains,
+            "gains_paper": self.gains_paper,
+            "gains_std": self.gains_std,
+        }
+        if self.gains_identity is not None:
+            tensors["gains_identity"] = self.gains_identity
+        if self.hankel is not None:
+            tensors["hankel"] = self.hankel
+        meta = dict(self.meta)
+        if self.directions is not None:
+            dr = self.directions
+            tensors |= {"dir_vectors": dr.vectors, "dir_unit": dr.unit, "dir_scale": dr.scale}
+            meta["directions_meta"] = dr.meta
+        save_tensors(path, "Surrogate", tensors, meta)
 
     @classmethod
-    def load(cls, path, model: HookedTransformer | None = None) -> Surrogate:
+    def load(cls, path, model: Model | None = None) -> Surrogate:
         """Load a saved surrogate; with `model`, refuse one fitted on another model shape."""
         t, meta = load_tensors(path, "Surrogate")
         need = {"P", "A", "B", "c", "gains", "gains_paper", "gains_std"}
@@ -206,7 +367,13 @@ class Surrogate:
             check_model_meta(
                 {"n_layers": t["P"].shape[0] - 1, "d_model": t["P"].shape[1]}, model.cfg, path
             )
-        return cls(**{k: t[k] for k in need}, meta=meta)
+        dirs = None
+        if {"dir_vectors", "dir_unit", "dir_scale"} <= set(t):
+            dirs = ConceptDirections(
+                t["dir_vectors"], t["dir_unit"], t["dir_scale"], meta.pop("directions_meta", {})
+            )
+        extra = {k: t[k] for k in ("gains_identity", "hankel") if k in t}
+        return cls(**{k: t[k] for k in need}, meta=meta, directions=dirs, **extra)
 
     def __repr__(self) -> str:
         return (
@@ -216,122 +383,14 @@ class Surrogate:
         )
 
 
-def _identity_reduce(t: torch.Tensor) -> torch.Tensor:
-    return t
+def _separation_meta(directions: ConceptDirections, rd: Readout) -> dict | None:
+    """{"value", "readout", "split"}: the readout's class-mean difference (label 1 − label 0)
+    on the directions' (concept) split, or None if the directions cannot give it."""
+    fn = getattr(directions, "separation", None)
+    value = fn(rd) if fn is not None else None
+    if value is None:
+        return None
+    return {"value": value, "readout": rd.kind, "split": "concept", "plus": "label 1"}
 
 
-def _fit_core(
-    model: HookedTransformer,
-    contexts: list[FrozenContext],
-    directions: ConceptDirections,
-    readout: Readout,
-    d: int,
-    basis: str,
-    seed: int,
-    progress: bool,
-    reduce,
-) -> dict[str, torch.Tensor]:
-    """Layer-major identification; `reduce` sums a statistic over processes (identity: one)."""
-    L, H = model.cfg.n_layers, model.cfg.d_model
-    f64 = torch.float64
-    gen = torch.Generator().manual_seed(seed)
-    unit = directions.unit.to(f64)
-    scale = directions.scale.to(f64)
-    n_local = sum(len(c) for c in contexts)
-    n = int(reduce(torch.tensor(float(n_local), dtype=f64)).item())
-    if n == 0:
-        raise InputError("prompts: expected at least one operating prompt, got none")
-
-    # b_l = 0 where unit_l = 0 (e.g. every prompt ends in the same token: x_0 is identical)
-    scale = scale * (unit.norm(dim=-1) > 0).to(f64)
-    # Only P_0[:, 0] matters (nothing perturbs x_0 before the first injection).
-    anchor0 = unit[0] if unit[0].norm() > 0 else torch.eye(H, dtype=f64)[0]
-    P = [krylov.random_basis(anchor0, d, generator=gen)]
-    # R[i]: per-prompt reduced responses at the current layer to unit injections at 0..l-1
-    R = [torch.zeros(len(c), d, 0, dtype=f64) for c in contexts]
-    A_mean, B_mean = [], []
-    for layer in tqdm(range(L), desc="surrogate", disable=not progress, leave=False):
-        Pl = P[layer]
-        Ys: list[torch.Tensor] = []
-        sum_Y = torch.zeros(d, H, dtype=f64)
-        for ctx in contexts:
-            tang = Pl.T.to(ctx.states.dtype)[None].expand(len(ctx), d, H)
-            Y = ctx.jvp(layer, tang).to(f64)  # [b, d, H]: rows are A_l(p) P_l[:, j]
-            Ys.append(Y)
-            sum_Y += Y.sum(0)
-        gram = None
-        if basis == "pod":
-            # propagated responses to every injection so far plus the new one (unit_l), each
-            # injection layer weighted to unit mean-square norm over all prompts
-            resps = [
-                torch.einsum("bdh,bdk->bkh", Y, torch.cat([R[i], _e1(len(Y), d, f64)], dim=2))
-                for i, Y in enumerate(Ys)
-            ]  # [b, l+1, H]
-            sq = reduce(sum(r.pow(2).sum(-1).sum(0) for r in resps)) / n
-            w = sq.clamp_min(1e-300).rsqrt()
-            gram = torch.zeros(H, H, dtype=f64)
-            for r in resps:
-                rw = r * w[None, :, None]
-                gram += torch.einsum("bkh,bkg->hg", rw, rw)
-            del resps
-        sum_Y = reduce(sum_Y)
-        mean_Y = sum_Y / n  # [d, H]
-        if basis == "krylov":
-            nxt = krylov.anchored_orth(
-                unit[layer + 1], mean_Y.T, d, generator=gen, what=f"basis P_{layer + 1}"
-            )
-        elif basis == "pod":
-            nxt = krylov.pod_basis(unit[layer + 1], reduce(gram), d, generator=gen)
-        else:
-            nxt = krylov.random_basis(unit[layer + 1], d, generator=gen)
-        P.append(nxt)
-        A_l = nxt.T @ mean_Y.T  # [d, d] = P_{l+1}^T (mean A_l) P_l
-        A_mean.append(A_l)
-        B_mean.append(scale[layer] * A_l[:, 0])
-        for i, Y in enumerate(Ys):
-            Ab = torch.einsum("hi,bjh->bij", nxt, Y)  # [b, d, d] per-prompt Abar
-            Bb = scale[layer] * Ab[:, :, 0]
-            R[i] = torch.cat([Ab @ R[i], Bb[:, :, None]], dim=2)
-        del Ys
-
-    # readout rows: c(p) = P_L^T ∇y(p); concept readout gives e_1 for every prompt
-    sum_c = torch.zeros(d, dtype=f64)
-    sum_g = torch.zeros(L, dtype=f64)
-    sum_g2 = torch.zeros(L, dtype=f64)
-    for i, ctx in enumerate(contexts):
-        grad = readout.gradient(model, ctx.states[:, -1]).to(f64)  # [b, H]
-        c_p = grad @ P[L]  # [b, d]
-        sum_c += c_p.sum(0)
-        g_p = torch.einsum("bd,bdk->bk", c_p, R[i])  # [b, L]
-        sum_g += g_p.sum(0)
-        sum_g2 += g_p.pow(2).sum(0)
-    c = reduce(sum_c) / n
-    gains_prompt = reduce(sum_g) / n
-    var = (reduce(sum_g2) / n - gains_prompt.pow(2)).clamp_min(0)
-    A = torch.stack(A_mean)
-    B = torch.stack(B_mean)
-    gains_paper = krylov.gains_from_reduced(A, B, c)
-    out = {
-        "P": torch.stack(P),
-        "A": A,
-        "B": B,
-        "c": c,
-        "gains_prompt": gains_prompt,
-        "gains_paper": gains_paper,
-        "gains_std": var.sqrt(),
-        "n": torch.tensor(n),
-    }
-    for k in ("gains_prompt", "gains_paper"):
-        if not torch.isfinite(out[k]).all():
-            bad = (~torch.isfinite(out[k])).nonzero().flatten().tolist()
-            raise NonFiniteError(f"surrogate: non-finite gains at layers {bad}")
-    return out
-
-
-def _e1(b: int, d: int, dtype) -> torch.Tensor:
-    e = torch.zeros(b, d, 1, dtype=dtype)
-    e[:, 0, 0] = 1.0
-    return e
-
-
-__all__ = ["Surrogate", "BASES", "VARIANTS"]
+__all__ = ["Surrogate", "BASES", "VARIANTS", "FitInputs", "resolve_inputs", "split_labelled"]

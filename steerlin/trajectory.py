@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from . import backend
+from .backend import Model, check_model
 from .errors import InputError, NonFiniteError, ShapeError
-from .hooks import check_model, resid_pre_name
+from .hooks import resid_post_name, resid_pre_name
 
 PromptsLike = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
 
-def tokenize(model: HookedTransformer, prompts: PromptsLike) -> list[list[int]]:
+def tokenize(model: Model, prompts: PromptsLike) -> list[list[int]]:
     """Token ids for each prompt.
 
     Strings go through the model's tokenizer with its BOS convention (`model.to_tokens`);
@@ -64,7 +65,7 @@ def tokenize(model: HookedTransformer, prompts: PromptsLike) -> list[list[int]]:
     return out
 
 
-def pad_id(model: HookedTransformer) -> int:
+def pad_id(model: Model) -> int:
     """Token used for right padding (never attended to by real tokens)."""
     tok = model.tokenizer
     if tok is not None and tok.pad_token_id is not None:
@@ -104,7 +105,7 @@ def iter_batches(
 
 def state_hook_names(n_layers: int) -> list[str]:
     """Hook names of x_0..x_L: resid_pre of every block, then the last block's resid_post."""
-    return [resid_pre_name(l) for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return [resid_pre_name(l) for l in range(n_layers)] + [resid_post_name(n_layers - 1)]
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Trajectory:
 
 
 def capture(
-    model: HookedTransformer,
+    model: Model,
     prompts: PromptsLike,
     *,
     batch_size: int = 16,
@@ -150,6 +151,7 @@ def capture(
     L, H = model.cfg.n_layers, model.cfg.d_model
     states = torch.empty(len(ids), L + 1, H, dtype=model.cfg.dtype)
     names = state_hook_names(L)
+    engine = backend.get(model)
     for batch in tqdm(
         list(
             iter_batches(
@@ -174,10 +176,11 @@ def capture(
             return hook
 
         with torch.no_grad():
-            model.run_with_hooks(
+            engine.run_with_hooks(
+                model,
                 batch.tokens,
+                [(name, make(j)) for j, name in enumerate(names)],
                 return_type=None,
-                fwd_hooks=[(name, make(j)) for j, name in enumerate(names)],
             )
         states[batch.index] = torch.stack([got[j] for j in range(L + 1)], dim=1).to(states)
     if not torch.isfinite(states).all():

@@ -250,7 +250,7 @@ def test_tweet_eval_sentiment_mapping():
     with pytest.raises(InputError, match=r"raw labels \[3\]"):
         spec.map_labels([0, 3])
     rows = [("bad day", 0), ("meh", 1), ("lovely", 2)]
-    from steerlin.data import _clean
+    from steerlin.data.readers import _clean
 
     p = _clean([t for t, _ in rows], spec.map_labels([y for _, y in rows]))
     assert p == LabelledPrompts(("bad day", "lovely"), (0, 1))

@@ -150,7 +150,7 @@ def test_load_foreign_safetensors(tmp_path):
 
 
 def test_load_other_steerlin_kind(fitted, tmp_path):
-    from steerlin.persist import save_tensors
+    from steerlin.io import save_tensors
 
     path = tmp_path / "other.safetensors"
     save_tensors(path, "Surrogate", {"A": torch.zeros(2)}, {})

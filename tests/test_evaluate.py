@@ -19,7 +19,8 @@ from conftest import make_gpt2_like, random_prompts
 
 from steerlin import ConceptDirections
 from steerlin.errors import InputError, LayerError, NonFiniteError, ShapeError
-from steerlin.evaluate import Fidelity, exact_gains, fidelity, scan_gains
+from steerlin.gains import exact_gains, scan_gains
+from steerlin.metrics import Fidelity, fidelity
 
 
 def _rel(a, b):
@@ -87,7 +88,7 @@ def test_exact_gains_per_prompt_order(gpt2_like):
 def test_exact_gains_last_layer_is_one_jvp(tiny):
     """Gain of the last block: <unit_L, A_{L-1} b_{L-1}>, one JVP per prompt (independent of
     the backward pass used by exact_gains)."""
-    from steerlin.jacobians import iter_contexts
+    from steerlin.frozen import iter_contexts
 
     dirs, ops = _setup(tiny)
     L = tiny.cfg.n_layers

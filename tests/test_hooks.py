@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from steerlin.errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
-from steerlin.hooks import count_hooks, inject, resid_pre_name
+from steerlin.hooks import count_hooks, inject, resid_pre_name, steering_hooks
 
 ATOL = 1e-12
 
@@ -231,11 +231,11 @@ def _greedy_oracle(model, prompt, v_by_layer, n_new):
     return toks
 
 
-def _generate(model, prompt, adds, cache):
+def _generate(model, prompt, adds, cache, positions):
     """Steered greedy generation; also the final residual of the newest token of every forward."""
     last = []
     name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    with inject(model, adds, positions="generated"):
+    with inject(model, adds, positions=positions):
         with model.hooks(fwd_hooks=[(name, lambda r, hook: last.append(r[:, -1].clone()))]):
             toks = model.generate(prompt, use_past_kv_cache=cache, **GEN)
     return toks, torch.stack(last, 1)
@@ -244,75 +244,182 @@ def _generate(model, prompt, adds, cache):
 # TransformerLens 3.9's own KV-cached generate() is wrong for learned absolute position
 # embeddings without a tokenizer (it embeds the whole sequence at pos_offset = cache length, so
 # the newest token gets the wrong position): even unsteered, gpt2_like gives different tokens
-# with the cache on and off. Cache-on/off identity is therefore checked on the rotary model;
-# the greedy full-forward oracle is checked on both (uncached) and on the rotary one (cached).
-def _cache_ok(model):
-    return model.cfg.positional_embedding_type == "rotary"
+# with the cache on and off. Cache-on/off identity is therefore checked on the rotary model.
 
 
 @pytest.mark.parametrize("prompt", [[[1, 2, 3], [7, 5, 3]], [[4]]], ids=["3tok", "1tok"])
-def test_generate_generated_positions_cache_on_off_identical(tiny, prompt):
+def test_generate_cache_on_off_identical(gemma_like, prompt):
+    """Cache on, "generated" and "last" (read from the cache) == cache off, ("from", p-1) ==
+    the hand-written greedy oracle."""
+    model = gemma_like
     prompt = torch.tensor(prompt)
     p = prompt.shape[1]
-    adds = {0: _vec(tiny, 0, 2.0), 2: _vec(tiny, 1, 2.0)}
-    oracle = _greedy_oracle(tiny, prompt, adds, GEN["max_new_tokens"])
-    uncached, x_unc = _generate(tiny, prompt, adds, cache=False)
-    assert count_hooks(tiny) == 0
-    assert torch.equal(uncached[:, :p], prompt)
+    adds = {0: _vec(model, 0, 2.0), 2: _vec(model, 1, 2.0)}
+    oracle = _greedy_oracle(model, prompt, adds, GEN["max_new_tokens"])
+    uncached, x_unc = _generate(model, prompt, adds, False, ("from", p - 1))
     assert torch.equal(uncached, oracle)
-    if _cache_ok(tiny):
-        cached, x_c = _generate(tiny, prompt, adds, cache=True)
-        assert torch.equal(cached, uncached)
+    for positions in ("generated", "last"):
+        cached, x_c = _generate(model, prompt, adds, True, positions)
+        assert torch.equal(cached, uncached), positions
         # stronger than tokens: the newest token's final residual at every step (float64
         # rounding of a cached vs a full attention, 1e-10)
         torch.testing.assert_close(x_c, x_unc, rtol=1e-10, atol=1e-10)
-    unsteered, x0 = _generate(tiny, prompt, {}, cache=False)
+    assert count_hooks(model) == 0
+    unsteered, x0 = _generate(model, prompt, {}, False, "last")
     assert (x0 - x_unc).norm() > 1e-3 * x0.norm()  # the steering does act
-    big = {1: _vec(tiny, 2, 50.0)}
-    steered, _ = _generate(tiny, prompt, big, cache=_cache_ok(tiny))
-    assert not torch.equal(steered, unsteered)
 
 
-def test_generate_reuse_and_reset(gpt2_like):
-    """Reusing one context: a shorter-or-equal prompt is detected as new; a longer one with the
-    cache off needs reset() (documented), after which the result equals a fresh context."""
-    a = torch.tensor([[1, 2, 3]])
-    b = torch.tensor([[9, 8, 7, 6, 5]])
+def test_uncached_generation_with_from_matches_oracle_on_absolute_positions(gpt2_like):
+    prompt = torch.tensor([[5, 6, 7, 8]])
     adds = {1: _vec(gpt2_like, 0, 3.0)}
-    with inject(gpt2_like, adds, positions="generated"):
-        fresh_b = gpt2_like.generate(b, use_past_kv_cache=False, **GEN)
-    with inject(gpt2_like, adds, positions="generated") as handle:
-        first = gpt2_like.generate(a, use_past_kv_cache=True, **GEN)
-        again = gpt2_like.generate(a, use_past_kv_cache=True, **GEN)
-        gpt2_like.generate(a, use_past_kv_cache=False, **GEN)
-        handle.reset()
-        reused_b = gpt2_like.generate(b, use_past_kv_cache=False, **GEN)
-    assert torch.equal(first, again)
-    assert torch.equal(reused_b, fresh_b)
+    oracle = _greedy_oracle(gpt2_like, prompt, adds, GEN["max_new_tokens"])
+    toks, _ = _generate(gpt2_like, prompt, adds, False, ("from", 3))
+    assert torch.equal(toks, oracle)
 
 
-def test_generate_reuse_with_cache_and_longer_prompt(gpt2_like):
-    """`inject` documents that reset() is needed only before reusing one context for a second
-    generation *with the KV cache off*. With the cache on, a second generate() on a longer prompt
-    must steer only that prompt's last token in its first forward.
+def test_generated_without_a_cache_raises_and_cleans_up(gemma_like):
+    with pytest.raises(InputError, match=r"positions='generated' reads where the prompt ends"):
+        with inject(gemma_like, {1: _vec(gemma_like)}, positions="generated"):
+            gemma_like.generate(torch.tensor([[1, 2, 3]]), use_past_kv_cache=False, **GEN)
+    assert count_hooks(gemma_like) == 0
 
-    KNOWN BUG (steerlin/hooks.py, _GenerationState.positions_for): a forward longer than the
-    recorded prompt is always taken as an uncached generation step, so the new 5-token prompt
-    is steered at positions 2..4 (from the *old* prompt's last index) instead of only at 4.
-    """
+
+def test_back_to_back_generations_in_one_context_equal_fresh_ones(gemma_like):
+    """No state: a, then b one token longer than a, then a again, then b with the cache off --
+    each equals its own fresh context (the old sequence-length heuristic steered b at the old
+    prompt's last index)."""
+    model = gemma_like
+    a = torch.tensor([[1, 2, 3]])
+    b = torch.tensor([[9, 8, 7, 6]])
+    adds = {1: _vec(model, 0, 3.0), 3: _vec(model, 1, 2.0)}
+    fresh = {}
+    for name, prompt in (("a", a), ("b", b)):
+        with inject(model, adds, positions="generated"):
+            fresh[name] = model.generate(prompt, use_past_kv_cache=True, **GEN)
+    with inject(model, adds, positions="generated"):
+        seq = [model.generate(x, use_past_kv_cache=True, **GEN) for x in (a, b, a, b)]
+    with inject(model, adds, positions=("from", b.shape[1] - 1)):
+        b_off = model.generate(b, use_past_kv_cache=False, **GEN)
+    assert torch.equal(seq[0], fresh["a"]) and torch.equal(seq[2], fresh["a"])
+    assert torch.equal(seq[1], fresh["b"]) and torch.equal(seq[3], fresh["b"])
+    assert torch.equal(b_off, fresh["b"])
+
+
+def test_second_longer_prompt_steered_only_at_its_last_token(gemma_like):
+    """Inside one context, the first forward of a second, longer prompt is steered at its last
+    token only (column 4), read from its own empty cache."""
+    model = gemma_like
     a = torch.tensor([[1, 2, 3]])
     b = torch.tensor([[9, 8, 7, 6, 5]])
-    v = torch.ones(gpt2_like.cfg.d_model, dtype=torch.float64)
-    clean = _resid_pre(gpt2_like, b, 1)
+    v = torch.ones(model.cfg.d_model, dtype=torch.float64)
+    clean = _resid_pre(model, b, 1)
     seen = []
     record = (resid_pre_name(1), lambda r, hook: seen.append(r.clone()))
     gen = dict(GEN, max_new_tokens=3)
-    with inject(gpt2_like, {1: v}, positions="generated"):
-        gpt2_like.generate(a, use_past_kv_cache=True, **gen)
-        with gpt2_like.hooks(fwd_hooks=[record]):
-            gpt2_like.generate(b, use_past_kv_cache=True, **gen)
-    steered = ((seen[0] - clean)[0].norm(dim=-1) > 1e-9).nonzero().flatten().tolist()
-    assert steered == [4]
+    for positions in ("generated", "last"):
+        seen.clear()
+        with inject(model, {1: v}, positions=positions):
+            model.generate(a, use_past_kv_cache=True, **gen)
+            with model.hooks(fwd_hooks=[record]):
+                model.generate(b, use_past_kv_cache=True, **gen)
+        steered = ((seen[0] - clean)[0].norm(dim=-1) > 1e-9).nonzero().flatten().tolist()
+        assert steered == [4], positions
+        assert [s.shape[1] for s in seen] == [5, 1, 1]
+
+
+def _cached_forward(model, tokens, lengths=None):
+    """A forward of `tokens` that starts a fresh KV cache, then a one-token continuation."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
+    mask = torch.ones_like(tokens)
+    if lengths is not None:
+        mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    seen = []
+    record = (resid_pre_name(1), lambda r, hook: seen.append(r.clone()))
+    with model.hooks(fwd_hooks=[record]):
+        model(tokens, attention_mask=mask, past_kv_cache=cache)
+        nxt = torch.full((tokens.shape[0], 1), 3)
+        model(nxt, attention_mask=torch.ones_like(nxt), past_kv_cache=cache)
+    return seen
+
+
+def test_right_padded_batch_under_a_cache_padding_column_not_steered(gemma_like):
+    model = gemma_like
+    tokens, lengths = _right_padded(model)
+    v = _vec(model)
+    clean = _cached_forward(model, tokens, lengths)
+    for positions in ("generated", "last"):
+        with inject(model, {1: v}, positions=positions, lengths=lengths):
+            steered = _cached_forward(model, tokens, lengths)
+        diff = steered[0] - clean[0]
+        for i, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(diff[i, n - 1], v, rtol=0, atol=ATOL)
+            others = torch.ones(tokens.shape[1], dtype=torch.bool)
+            others[n - 1] = False
+            assert torch.equal(diff[i, others], torch.zeros_like(diff[i, others])), positions
+
+
+def test_from_counts_absolute_positions_through_the_cache(gemma_like):
+    """("from", i) on a cached prompt of 4 then a one-token continuation (absolute position 4)."""
+    model = gemma_like
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    v = _vec(model)
+    clean = _cached_forward(model, tokens)
+    for start, want_prompt, want_next in ((2, [2, 3], True), (5, [], False), (4, [], True)):
+        with inject(model, {1: v}, positions=("from", start)):
+            got = _cached_forward(model, tokens)
+        d0 = (got[0] - clean[0])[0].norm(dim=-1) > 0
+        d1 = (got[1] - clean[1])[0].norm(dim=-1) > 0
+        assert d0.nonzero().flatten().tolist() == want_prompt
+        assert bool(d1[0]) == want_next
+
+
+# ------------------------------------------------------------------ stateless hook lists
+
+
+def test_steering_hooks_pairs_equal_inject(tiny):
+    tokens, lengths = _right_padded(tiny)
+    adds = {0: _vec(tiny, 0), 2: _vec(tiny, 1)}
+    name = f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post"
+    for positions in ("last", "all", ("from", 2)):
+        pairs = steering_hooks(tiny, adds, positions=positions, lengths=lengths)
+        assert [n for n, _ in pairs] == [resid_pre_name(0), resid_pre_name(2)]
+        a = tiny.run_with_hooks(tokens, fwd_hooks=pairs)
+        with inject(tiny, adds, positions=positions, lengths=lengths):
+            b = tiny(tokens)
+        with tiny.hooks(fwd_hooks=pairs):
+            c = tiny(tokens)
+        assert torch.equal(a, b) and torch.equal(a, c), positions
+        assert not torch.equal(a, tiny(tokens))
+    assert count_hooks(tiny) == 0
+    del name
+
+
+def test_steering_hooks_refuse_generated(gpt2_like):
+    with pytest.raises(InputError, match=r"'generated' needs each forward's KV-cache position"):
+        steering_hooks(gpt2_like, {0: _vec(gpt2_like)}, positions="generated")
+
+
+def test_one_default_everywhere():
+    import inspect
+
+    from steerlin.control import Controller, Schedule
+    from steerlin.hooks import DEFAULT_POSITIONS
+
+    for f in (inject, steering_hooks, Schedule.apply, Schedule.hooks, Controller.apply):
+        assert inspect.signature(f).parameters["positions"].default == DEFAULT_POSITIONS, f
+    assert DEFAULT_POSITIONS == "last"
+
+
+@pytest.mark.parametrize(
+    "bad", ["first", ("from", -1), ("from", 1.5), ("to", 2), ("from",), ["from", 2]]
+)
+def test_bad_position_policies(gpt2_like, bad):
+    with pytest.raises(InputError, match=r"positions: "):
+        with inject(gpt2_like, {0: _vec(gpt2_like)}, positions=bad):
+            pass
+    assert count_hooks(gpt2_like) == 0
 
 
 # ------------------------------------------------------------------ errors
@@ -358,14 +465,16 @@ def test_non_finite_vector(gpt2_like, bad):
 
 
 def test_bad_positions(gpt2_like):
-    with pytest.raises(InputError, match=r"positions: expected one of .*'last'.* got 'first'"):
+    with pytest.raises(InputError, match=r"positions: expected one of 'last'.* got 'first'"):
         with inject(gpt2_like, {0: _vec(gpt2_like)}, positions="first"):
             pass
 
 
 def test_not_a_model():
     with pytest.raises(
-        ModelTypeError, match="expected a transformer_lens.HookedTransformer.*got torch.*Linear"
+        ModelTypeError,
+        match=r"expected a transformer_lens\.(HookedTransformer|model_bridge\.TransformerBridge).*"
+        r"got torch.*Linear",
     ):
         with inject(torch.nn.Linear(2, 2), {0: torch.zeros(2)}):
             pass

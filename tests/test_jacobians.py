@@ -19,15 +19,10 @@ from conftest import random_prompts
 
 from steerlin import ConceptDirections
 from steerlin.errors import InputError
+from steerlin.frozen import build_context, iter_contexts
+from steerlin.gains import per_prompt_gains, scan_context
 from steerlin.hooks import inject
-from steerlin.jacobians import (
-    Readout,
-    build_context,
-    iter_contexts,
-    make_readout,
-    per_prompt_gains,
-    scan_context,
-)
+from steerlin.readouts import Readout, make_readout
 from steerlin.trajectory import capture
 
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
-from steerlin.krylov import anchored_orth, gains_from_reduced, pod_basis, random_basis, simulate
+from steerlin.linalg import anchored_orth, gains_from_reduced, pod_basis, random_basis, simulate
 
 F64 = torch.float64
 
@@ -255,3 +255,17 @@ def test_gains_are_linear_property(system):
     assert abs(simulate(A, B, c, u).item() - (h @ u).item()) <= tol
     hbound = gains_from_reduced(A.abs(), B.abs(), c.abs())
     assert ((h - _brute_gains(A, B, c)).abs() <= 1e-12 * hbound + 1e-300).all()
+
+
+def test_linalg_shape_annotations_are_enforced():
+    """conftest installs jaxtyping + beartype on steerlin.linalg: a call whose shapes break the
+    annotation (H differs between the two candidate sets) fails at the call, by name."""
+    from jaxtyping import TypeCheckError
+
+    from steerlin import linalg
+
+    f64 = torch.float64
+    ok = linalg.two_sided_candidates(torch.zeros(5, 2, dtype=f64), torch.zeros(5, 3, dtype=f64))
+    assert ok.shape == (5, 5)
+    with pytest.raises(TypeCheckError, match="two_sided_candidates"):
+        linalg.two_sided_candidates(torch.zeros(5, 2, dtype=f64), torch.zeros(4, 3, dtype=f64))

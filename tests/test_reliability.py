@@ -53,7 +53,7 @@ from steerlin.errors import (
     UnreachableTargetError,
 )
 from steerlin.hooks import count_hooks
-from steerlin.jacobians import Readout
+from steerlin.readouts import Readout
 
 N_PROMPTS = 12
 LABELS = [0, 1] * (N_PROMPTS // 2)
@@ -464,7 +464,10 @@ BAD_INPUTS = [
         id="inject-not-mapping",
     ),
     pytest.param(
-        lambda w: capture("gpt2", w.P), ModelTypeError, "HookedTransformer", id="model-is-a-str"
+        lambda w: capture("gpt2", w.P),
+        ModelTypeError,
+        "HookedTransformer|TransformerBridge",
+        id="model-is-a-str",
     ),
     # files
     *[
@@ -677,6 +680,30 @@ def _block_fault(layer: int, n: int, call, *, single_token_only: bool = False):
     return run
 
 
+def _fast_fault(name: str, n: int, call):
+    """The fast engine's `steerlin.backend.fast.<name>` raises on its n-th call while `call`
+    runs (engine="auto" picks the fast engine on these models). Imported when run, not at
+    collection: the fast engine is TransformerLens-3 only."""
+
+    def run(w, exc):
+        from steerlin.backend import fast
+
+        orig = getattr(fast, name)
+        calls = {"n": 0}
+
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise exc(f"fast.{name} fault")
+            return orig(*args, **kwargs)
+
+        with _patched(fast, name, wrapped):
+            call(w)
+        assert calls["n"] == n, "the fault never fired"
+
+    return run
+
+
 def _readout_fault(n: int, call):
     def run(w, exc):
         f = _raise_on_call(n, exc, Readout.__call__)
@@ -735,7 +762,10 @@ FAULT_SITES = [
     ),
     pytest.param(
         _block_fault(
-            2, 3, lambda w: scan_gains(w.m, w.P, w.dirs, batch_size=4), single_token_only=True
+            2,
+            3,
+            lambda w: scan_gains(w.m, w.P, w.dirs, batch_size=4, engine="tl"),
+            single_token_only=True,
         ),
         id="block-mid-scan-cached",
     ),
@@ -743,16 +773,34 @@ FAULT_SITES = [
         _block_fault(
             1,
             2,
-            lambda w: Surrogate.fit(w.m, w.P, w.dirs, d=4, batch_size=4),
+            lambda w: Surrogate.fit(w.m, w.P, w.dirs, d=4, batch_size=4, engine="tl"),
             single_token_only=True,
         ),
         id="block-inside-jvp",
     ),
     pytest.param(
         _block_fault(
-            2, 2, lambda w: exact_gains(w.m, w.P, w.dirs, batch_size=4), single_token_only=True
+            2,
+            2,
+            lambda w: exact_gains(w.m, w.P, w.dirs, batch_size=4, engine="tl"),
+            single_token_only=True,
         ),
         id="block-inside-exact-gains",
+    ),
+    pytest.param(
+        _fast_fault("block_many", 3, lambda w: scan_gains(w.m, w.P, w.dirs, batch_size=4)),
+        id="fast-block-mid-scan-cached",
+        marks=pytest.mark.tl3,
+    ),
+    pytest.param(
+        _fast_fault("block_jvp", 2, lambda w: Surrogate.fit(w.m, w.P, w.dirs, d=4, batch_size=4)),
+        id="fast-block-inside-jvp",
+        marks=pytest.mark.tl3,
+    ),
+    pytest.param(
+        _fast_fault("block", 2, lambda w: exact_gains(w.m, w.P, w.dirs, batch_size=4)),
+        id="fast-block-inside-exact-gains",
+        marks=pytest.mark.tl3,
     ),
     pytest.param(
         _readout_fault(5, lambda w: scan_gains(w.m, w.P, w.dirs, method="hooks")),
@@ -807,7 +855,8 @@ def test_steering_after_an_interrupted_generation_is_unaffected(w):
 
 @contextmanager
 def _nan_block(model, layer: int, *, single_token_only: bool):
-    """Block `layer` returns NaN (only on the frozen-context single-token path if asked)."""
+    """Block `layer` returns NaN (only on the frozen-context single-token path if asked), on
+    both engines."""
     block = model.blocks[layer]
     orig = block.forward
 
@@ -817,7 +866,30 @@ def _nan_block(model, layer: int, *, single_token_only: bool):
             return out * float("nan")
         return out
 
-    with _patched(block, "forward", forward):
+    # the fast engine's single-token block (engine="auto") does not call block.forward;
+    # it exists on the TransformerLens 3 leg only
+    try:
+        from steerlin.backend import fast
+    except ImportError:
+        with _patched(block, "forward", forward):
+            yield
+        return
+
+    many, jvp = fast.block_many, fast.block_jvp
+
+    def block_many(m, kv, layer_, z):
+        out = many(m, kv, layer_, z)
+        return out * float("nan") if layer_ == layer else out
+
+    def block_jvp(m, kv, layer_, x, t):
+        y, jv = jvp(m, kv, layer_, x, t)
+        return (y * float("nan"), jv * float("nan")) if layer_ == layer else (y, jv)
+
+    with (
+        _patched(block, "forward", forward),
+        _patched(fast, "block_many", block_many),
+        _patched(fast, "block_jvp", block_jvp),
+    ):
         yield
 
 
@@ -825,7 +897,9 @@ def _nan_block(model, layer: int, *, single_token_only: bool):
 def test_nan_in_jvp_stops_fit_naming_the_layer(w, layer):
     before = _logits(w.m)
     with _nan_block(w.m, layer, single_token_only=True):
-        with pytest.raises(NonFiniteError, match=rf"Jacobian-vector product at layer {layer}\b"):
+        # the first pass that meets the NaN names it: the VJP pass of the two-sided default
+        what = r"(Jacobian-vector|vector-Jacobian) product"
+        with pytest.raises(NonFiniteError, match=rf"{what} at layer {layer}\b"):
             Surrogate.fit(w.m, w.P, w.dirs, d=4)
     _assert_clean(w.m, before)
 
@@ -870,8 +944,10 @@ def test_nan_readout_stops_scan_and_fit(w):
         scan_gains(w.m, w.P, w.dirs, readout=rd)
     with pytest.raises(NonFiniteError, match=r"non-finite readout at layers \[0, 1, 2\]"):
         scan_gains(w.m, w.P, w.dirs, readout=rd, method="hooks")
+    with pytest.raises(NonFiniteError, match=r"surrogate: non-finite readout gradient"):
+        Surrogate.fit(w.m, w.P, w.dirs, d=4, readout=rd)  # two-sided: caught before the VJPs
     with pytest.raises(NonFiniteError, match=r"surrogate: non-finite gains at layers"):
-        Surrogate.fit(w.m, w.P, w.dirs, d=4, readout=rd)
+        Surrogate.fit(w.m, w.P, w.dirs, d=4, readout=rd, basis="krylov")
     assert count_hooks(w.m) == 0
 
 

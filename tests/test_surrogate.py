@@ -17,8 +17,8 @@ from conftest import make_gpt2_like, random_prompts
 
 from steerlin import ConceptDirections
 from steerlin.errors import FileFormatError, InputError, ShapeError
-from steerlin.evaluate import exact_gains
-from steerlin.krylov import gains_from_reduced
+from steerlin.gains import exact_gains
+from steerlin.linalg import gains_from_reduced
 from steerlin.surrogate import BASES, VARIANTS, Surrogate
 
 FULL = 32  # d_model of the tiny models
@@ -100,7 +100,10 @@ def test_reduced_model_is_consistent(gpt2_setup):
     torch.testing.assert_close(s.h, s.gains)
     # B_l = A_l e_1 * scale_l (the injected direction is the first basis column)
     torch.testing.assert_close(s.B, s.A[:, :, 0] * dirs.scale[:L, None], rtol=1e-12, atol=1e-12)
-    assert "basis='krylov'" in repr(s) and "variant='paper'" in repr(s)
+    from steerlin.surrogate import DEFAULT_BASIS
+
+    assert s.meta["basis"] == DEFAULT_BASIS  # the default, recorded and shown
+    assert f"basis={DEFAULT_BASIS!r}" in repr(s) and "variant='paper'" in repr(s)
 
 
 def test_predict(gpt2_setup):
@@ -193,7 +196,7 @@ def test_bad_basis_and_variant(gpt2_setup):
     model, dirs, ops = gpt2_setup
     with pytest.raises(
         InputError,
-        match=r"basis: expected one of \('krylov', 'pod', 'random'\), "
+        match=r"basis: expected one of \('krylov', 'two-sided', 'observable', 'pod', 'random'\), "
         r"got 'svd'",
     ):
         Surrogate.fit(model, ops, dirs, d=4, basis="svd")
@@ -237,9 +240,9 @@ def test_zero_direction_at_layer_0_is_allowed(tiny):
     `Surrogate.fit` explicitly accepts that (it only refuses zeros at layers >= 1) and the
     correct gain at layer 0 is 0 (nothing is injected there); the other layers are unaffected.
 
-    KNOWN BUG (steerlin/surrogate.py, _fit_core): P_0 is built with
-    krylov.random_basis(unit[0], ...), which raises a bare ValueError ("anchor: the first
-    column (concept direction) must be non-zero") when unit_0 = 0.
+    Regression test: the fit used to anchor P_0 on unit_0 and raise a bare ValueError when it
+    was zero; it now anchors on e_0. Checked: the fit succeeds, gain 0 at layer 0, and the
+    full-rank gains equal the exact ones at every layer.
     """
     g = torch.Generator().manual_seed(0)
     concept = [torch.randint(0, 90, (6,), generator=g).tolist() + [93] for _ in range(10)]

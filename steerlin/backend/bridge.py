@@ -1,0 +1,471 @@
+"""The TransformerLens 4 backend: `TransformerBridge` (a Hugging Face model behind TL's hooks).
+
+TransformerBridge has no public single-token block call against a frozen cache (extra keyword
+arguments go to the wrapped Hugging Face module, so TL3's `past_kv_cache_entry=` is silently
+ignored). The frozen map f_l is therefore computed by the exact full-sequence route: block l is
+re-run over the whole right-padded context with the last real token's input replaced by the
+perturbed state. In a causal decoder no earlier position sees the last token, so every earlier
+position's keys and values are exactly the clean run's and the output at the last position is
+f_l(x); the cost is about T single-token calls.
+
+The block is called with the arguments the Hugging Face model itself passed it (attention
+masks including sliding windows, rotary tables per layer type, position ids), recorded once
+per sequence length T from a forward and replayed with the Hugging Face cache removed. With an
+all-ones attention mask and right padding these depend on T only, so a batch-1 copy broadcasts
+over any batch. The first context of each model is checked: replaying every block on the clean
+inputs must reproduce the forward's `hook_resid_post` (else an error names the architecture).
+
+Accordingly `KVContext.keys[l]` holds block l's input residual over the context, Float[b, T, H]
+(natural layout: prompt tokens at 0..len-1), `values[l]` is empty ([b, 0]) and `mask` has the
+layout every backend shares (`common.context_mask`: `mask.sum(1)` is each prompt's length).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.model_bridge import TransformerBridge
+
+from ..errors import ModelLoadError, SteerlinError
+from . import Backend, KVContext
+from .common import context_mask
+
+
+class UnsupportedArchitectureError(SteerlinError, NotImplementedError):
+    """steerlin's bridge backend does not (yet) drive this Hugging Face architecture."""
+
+
+#: Hugging Face architectures the bridge backend is tested on (tests/test_bridge.py): the frozen
+#: block map, hooks, logits and cached generation agree with the TransformerLens 3 backend.
+SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Gemma3ForCausalLM")
+
+#: transformers release whose renamed per-layer cache argument TransformerLens 4.3 does not
+#: read: cached generation then silently differs from uncached (see `check_generation`).
+_BROKEN_CACHE_TRANSFORMERS = (5, 24)
+
+_LAYOUT_SLOTS = 8  # sequence lengths whose block arguments are kept per model
+
+
+def architecture(model: TransformerBridge) -> str:
+    """The wrapped Hugging Face architecture's class name (e.g. "Gemma3ForCausalLM")."""
+    arch = getattr(model.cfg, "architecture", None)
+    if arch:
+        return str(arch)
+    hf = getattr(getattr(model, "_driver", None), "underlying_model", None)
+    return type(hf).__name__ if hf is not None else type(model.adapter).__name__
+
+
+def check_architecture(model: TransformerBridge) -> None:
+    """UnsupportedArchitectureError naming the architecture unless it is one steerlin tests."""
+    arch = architecture(model)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model: steerlin's TransformerBridge backend does not support the {arch} "
+            f"architecture (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); with "
+            "TransformerLens 3 a HookedTransformer of it may work"
+        )
+
+
+def _transformers_version() -> tuple[int, int]:
+    try:
+        major, minor = version("transformers").split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def check_generation() -> None:
+    """ModelLoadError if the installed transformers breaks TransformerLens 4's cached generation.
+
+    transformers 5.24 renamed the per-layer cache argument; TransformerLens 4.3's attention
+    bridges still read the old name, so the cache stays empty and every generated token is
+    computed without the prompt: a wrong answer, not an error. steerlin refuses instead.
+    """
+    if _transformers_version() >= _BROKEN_CACHE_TRANSFORMERS:
+        raise ModelLoadError(
+            f"generate: transformers {version('transformers')} breaks TransformerLens "
+            f"{version('transformer-lens')}'s cached generation (it silently ignores the "
+            "prompt); install the pinned versions: pip install 'steerlin[tl4]' "
+            "(transformers<5.24)"
+        )
+
+
+# --------------------------------------------------------------------------- block arguments
+
+
+def _is_cache(obj: Any) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return False
+    return isinstance(obj, Cache)
+
+
+def _freeze_arg(value: Any, batch: int) -> Any:
+    """A recorded block argument made replayable: caches dropped, masks cut to one row."""
+    if _is_cache(value):
+        return None
+    if torch.is_tensor(value):
+        value = value.detach()
+        # 4-D attention masks [b, 1, T, T]: identical rows under an all-ones mask, right padding
+        if value.ndim == 4 and value.shape[0] == batch and batch > 1:
+            value = value[:1]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_freeze_arg(v, batch) for v in value)
+    if isinstance(value, list):
+        return [_freeze_arg(v, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _freeze_arg(v, batch) for k, v in value.items()}
+    return value
+
+
+class _Layouts:
+    """Per model: for each recent sequence length T, every block's recorded call arguments."""
+
+    def __init__(self) -> None:
+        self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, model, T: int):
+        return self._by_model.get(model, {}).get(T)
+
+    def put(self, model, T: int, calls: list) -> None:
+        slots = self._by_model.setdefault(model, OrderedDict())
+        slots[T] = calls
+        slots.move_to_end(T)
+        while len(slots) > _LAYOUT_SLOTS:
+            slots.popitem(last=False)
+
+
+_LAYOUTS = _Layouts()
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextmanager
+def _recording(model: TransformerBridge, batch: int, T: int):
+    """While open, forwards record each block's call arguments for sequence length T."""
+    calls: list = [None] * model.cfg.n_layers
+
+    def make(layer: int):
+        def pre_hook(module, args, kwargs):
+            if calls[layer] is None and args and torch.is_tensor(args[0]):
+                if args[0].shape[1] == T:
+                    rest = tuple(_freeze_arg(a, batch) for a in args[1:])
+                    kw = {k: _freeze_arg(v, batch) for k, v in kwargs.items()}
+                    if "use_cache" in kw:
+                        kw["use_cache"] = False
+                    calls[layer] = (rest, kw)
+
+        return pre_hook
+
+    handles = [
+        blk.register_forward_pre_hook(make(i), with_kwargs=True)
+        for i, blk in enumerate(model.blocks)
+    ]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+    if all(c is not None for c in calls):
+        _LAYOUTS.put(model, T, calls)
+
+
+def _layout(model: TransformerBridge, T: int) -> list:
+    """The recorded block arguments for length T (recorded by a batch-1 forward if missing)."""
+    calls = _LAYOUTS.get(model, T)
+    if calls is None:
+        tokens = torch.zeros(1, T, dtype=torch.long, device=model.cfg.device)
+        with torch.no_grad(), _recording(model, 1, T):
+            model(tokens, return_type=None, attention_mask=torch.ones_like(tokens), use_cache=False)
+        calls = _LAYOUTS.get(model, T)
+        if calls is None:
+            raise UnsupportedArchitectureError(
+                f"model: the {architecture(model)} blocks were not called with a [batch, {T}, "
+                "d_model] residual; steerlin's bridge backend cannot replay them"
+            )
+    return calls
+
+
+def _call_block(model: TransformerBridge, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Block `layer` over a full right-padded sequence, with the model's own arguments."""
+    args, kwargs = _layout(model, hidden.shape[1])[layer]
+    out = model.blocks[layer](hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _at(t: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """t[i, last[i]] for t [n, T, H] (a gather: fine under vmap)."""
+    idx = last[:, None, None].expand(-1, 1, t.shape[-1])
+    return torch.gather(t, 1, idx)[:, 0]
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class BridgeBackend(Backend):
+    """`transformer_lens.model_bridge.TransformerBridge` (TransformerLens 4.x)."""
+
+    name = "bridge"
+
+    def accepts(self, model: Any) -> bool:
+        if not isinstance(model, TransformerBridge):
+            return False
+        check_architecture(model)
+        return True
+
+    def build_context(
+        self,
+        model: TransformerBridge,
+        tokens: Int[torch.Tensor, "b T"],
+        lengths: Int[torch.Tensor, " b"],
+        hook_names: Sequence[str],
+    ) -> KVContext:
+        """One full forward of a right-padded batch: last-token states at `hook_names` and
+        every block's input residual over the whole context."""
+        b, T = tokens.shape
+        L = model.cfg.n_layers
+        rows = torch.arange(b, device=tokens.device)
+        last = lengths.to(tokens.device) - 1
+        got: dict[int, torch.Tensor] = {}
+        resid: list[torch.Tensor | None] = [None] * L
+
+        def state(j: int):
+            def hook(t: torch.Tensor, hook) -> None:
+                got[j] = t[rows, last].detach()
+
+            return hook
+
+        def keep(layer: int):
+            def hook(t: torch.Tensor, hook) -> None:
+                resid[layer] = t.detach()
+
+            return hook
+
+        fwd = [(n, state(j)) for j, n in enumerate(hook_names)]
+        fwd += [(f"blocks.{l}.hook_resid_pre", keep(l)) for l in range(L)]
+        with torch.no_grad(), _recording(model, b, T):
+            self.run_with_hooks(model, tokens, fwd, return_type=None, use_cache=False)
+        states = torch.stack([got[j] for j in range(len(hook_names))], dim=1)
+        empty = torch.zeros(b, 0, dtype=states.dtype, device=states.device)
+        kv = KVContext(
+            states, tuple(resid), tuple(empty for _ in range(L)), context_mask(T, last + 1)
+        )
+        if model not in _CHECKED:
+            self._self_check(model, kv, hook_names)
+        return kv
+
+    def _self_check(self, model: TransformerBridge, kv: KVContext, hook_names) -> None:
+        """Replaying each block on the clean inputs must give the forward's next state."""
+        L = model.cfg.n_layers
+        if len(hook_names) != L + 1:  # not the x_0..x_L layout of `state_hook_names`
+            return
+        with torch.no_grad():
+            for layer in range(L):
+                y = self.block(
+                    model, layer, kv.states[:, layer], kv.keys[layer], kv.values[layer], kv.mask
+                )
+                ref = kv.states[:, layer + 1]
+                err = float((y - ref).abs().max())
+                if not err <= 1e-5 * (1 + float(ref.abs().max())):
+                    raise UnsupportedArchitectureError(
+                        f"model: replaying block {layer} of the {architecture(model)} bridge "
+                        f"does not reproduce its forward (max error {err:.3g}); steerlin's "
+                        "bridge backend cannot compute its frozen block maps"
+                    )
+        _CHECKED.add(model)
+
+    def embed(self, model: TransformerBridge, tokens: Int[torch.Tensor, "b T"]) -> torch.Tensor:
+        """x_0 at every position of a right-padded batch (records the block arguments too)."""
+        b, T = tokens.shape
+        got: list[torch.Tensor] = []
+        # the bridge stops before block `stop`'s input hook: stop after block 0 (if the block
+        # arguments for T are known already, else run the whole forward to record them)
+        stop = 1 if _LAYOUTS.get(model, T) is not None and model.cfg.n_layers > 1 else None
+
+        def hook(t: torch.Tensor, hook) -> None:
+            got.append(t.detach())
+
+        with torch.no_grad(), _recording(model, b, T):
+            self.run_with_hooks(
+                model,
+                tokens,
+                [("blocks.0.hook_resid_pre", hook)],
+                return_type=None,
+                use_cache=False,
+                stop_at_layer=stop,
+            )
+        return got[0]
+
+    def block_context(
+        self,
+        model: TransformerBridge,
+        layer: int,
+        resid: Float[torch.Tensor, "b T H"],
+        lengths: Int[torch.Tensor, " b"],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, T, _ = resid.shape
+        with torch.no_grad():
+            out = _call_block(model, layer, resid)
+        empty = torch.zeros(b, 0, dtype=resid.dtype, device=resid.device)
+        return out, resid, empty, context_mask(T, lengths.to(resid.device))
+
+    def block(
+        self,
+        model: TransformerBridge,
+        layer: int,
+        x: Float[torch.Tensor, "n H"],
+        keys: Float[torch.Tensor, "n T H"],
+        values: torch.Tensor,
+        mask: Int[torch.Tensor, "n Tp1"],
+    ) -> Float[torch.Tensor, "n H"]:
+        """f_layer(x): block `layer` over the frozen context with the last token's input x."""
+        T = keys.shape[1]
+        last = mask.sum(1) - 1
+        at_last = torch.arange(T, device=keys.device)[None, :] == last[:, None]
+        hidden = torch.where(at_last[..., None], x[:, None, :].to(keys.dtype), keys)
+        return _at(_call_block(model, layer, hidden), last)
+
+    def logits(
+        self,
+        model: TransformerBridge,
+        x: Float[torch.Tensor, "... H"],
+        tokens: Sequence[int] | None,
+    ) -> Float[torch.Tensor, "... k"]:
+        """Final norm, the unembedding rows `tokens` and the model's final-logit soft-cap."""
+        h = model.ln_final(x[..., None, :])[..., 0, :]
+        head = model.unembed.original_component
+        w = head.weight if tokens is None else head.weight[list(tokens)]
+        out = h @ w.T
+        bias = getattr(head, "bias", None)
+        if bias is not None:
+            out = out + (bias if tokens is None else bias[list(tokens)])
+        cap = getattr(_hf_config(model), "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def hooks(self, model: TransformerBridge, fwd_hooks) -> AbstractContextManager:
+        return model.hooks(fwd_hooks=fwd_hooks)
+
+    def run_with_hooks(self, model: TransformerBridge, tokens, fwd_hooks, **kwargs) -> Any:
+        # right-padded batches, an explicit all-ones mask (as the hooked backend)
+        kwargs.setdefault("attention_mask", torch.ones_like(tokens))
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
+
+    @contextmanager
+    def position_probe(self, model: TransformerBridge, layers: Sequence[int], record):
+        """Forward pre-hooks on the blocks: the Hugging Face cache each block receives
+        (keyword `past_key_values`, or positional for GPT-2) holds the positions cached so far;
+        a forward without a cache reports None."""
+
+        def make(layer: int):
+            def pre_hook(module, args, kwargs):
+                cache = kwargs.get("past_key_values")
+                if cache is None:
+                    cache = next((a for a in args[1:] if _is_cache(a)), None)
+                if cache is None or not kwargs.get("use_cache", True):
+                    record(layer, None)
+                else:
+                    record(layer, int(cache.get_seq_length(layer)))
+
+            return pre_hook
+
+        handles = []
+        try:
+            for layer in layers:
+                handles.append(
+                    model.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
+                )
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def count_hooks(self, model: TransformerBridge) -> int:
+        """Live hooks on the distinct hook points (aliases counted once) plus block pre-hooks."""
+        total = sum(len(b._forward_pre_hooks) for b in model.blocks)
+        seen: set[int] = set()
+        for hp in model.hook_dict.values():
+            if id(hp) in seen:
+                continue
+            seen.add(id(hp))
+            total += len(hp._forward_hooks) + len(hp._backward_hooks)
+        return total
+
+    def generate(
+        self, model: TransformerBridge, prompts: Sequence[str], *, max_new_tokens: int
+    ) -> list[str]:
+        check_generation()
+        if _pads_in_float64(model, prompts):
+            return [
+                t for p in prompts for t in self.generate(model, [p], max_new_tokens=max_new_tokens)
+            ]
+        texts = model.generate(
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            verbose=False,
+            use_past_kv_cache=True,
+            padding_side="left",
+        )
+        return [texts] if isinstance(texts, str) else list(texts)
+
+    def generate_tokens(
+        self, model: TransformerBridge, prompts: Sequence[str], *, max_new_tokens: int
+    ) -> torch.Tensor:
+        check_generation()
+        if _pads_in_float64(model, prompts):
+            rows = [
+                self.generate_tokens(model, [p], max_new_tokens=max_new_tokens)[0] for p in prompts
+            ]
+            width = max(len(r) for r in rows)
+            pad = model.tokenizer.pad_token_id or 0
+            return torch.stack([torch.cat([r.new_full((width - len(r),), pad), r]) for r in rows])
+        return model.generate(
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            stop_at_eos=False,
+            verbose=False,
+            use_past_kv_cache=True,
+            padding_side="left",
+            return_type="tokens",
+        )
+
+
+def _pads_in_float64(model: TransformerBridge, prompts: Sequence[str]) -> bool:
+    """Whether a batched generation would left-pad a float64 bridge.
+
+    TransformerLens 4.3 adds Hugging Face's float64 mask minimum to the scores and takes the
+    softmax in float32, where it becomes -inf: a padded query row is all -inf, its softmax NaN,
+    and the NaN reaches every real token through the values (float32 masks stay finite). Such
+    batches are generated one prompt at a time instead (the same tokens, unpadded).
+    """
+    if model.cfg.dtype != torch.float64 or len(prompts) < 2:
+        return False
+    lengths = {model.to_tokens(p).shape[-1] for p in prompts}
+    return len(lengths) > 1
+
+
+def _hf_config(model: TransformerBridge) -> Any:
+    hf = getattr(getattr(model, "_driver", None), "underlying_model", None)
+    return getattr(hf, "config", None)
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "BridgeBackend",
+    "TransformerBridge",
+    "UnsupportedArchitectureError",
+    "architecture",
+    "check_architecture",
+    "check_generation",
+]

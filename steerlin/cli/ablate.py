@@ -1,0 +1,189 @@
+"""`steerlin ablate`: fidelity against d, ε and the basis."""
+
+from __future__ import annotations
+
+from ..report import Timer
+from .common import (
+    Run,
+    _csv,
+)
+from .options import (
+    _data,
+    _positive_int,
+    _sizes,
+)
+from .steps import (
+    _encode_splits,
+    _label_words,
+    _load_model,
+    _splits,
+)
+
+
+def cmd_ablate(args) -> int:
+    from .. import plots
+    from ..directions import ConceptDirections
+    from ..experiments import fit_surrogates, scan_eps
+    from ..gains import exact_gains
+    from ..metrics import fidelity
+
+    run = Run(args, "ablate", "steerlin-ablate")
+    model = _load_model(args, run)
+    ds = _csv(args.d, int, "--d")
+    epss = _csv(args.eps, float, "--eps")
+    bases = _csv(args.basis, what="--basis")
+    with run.timed("data"):
+        task, splits = _splits(args, args.task, args.n_concept, args.n_operating, args.n_eval)
+    enc = _encode_splits(model, splits)
+    lw = list(_label_words(args, task)) if args.readout == "logits" else None
+    with run.timed("directions"):
+        dirs = ConceptDirections.fit(
+            model,
+            enc.concept.texts,
+            list(enc.concept.labels),
+            batch_size=args.batch_size,
+            progress=args.progress,
+        )
+    say = lambda msg: print(msg, flush=True)
+    timer = Timer(run.timings)
+    sur = fit_surrogates(
+        model,
+        enc.operating.texts,
+        dirs,
+        [(basis, d) for basis in bases for d in sorted(set(ds) | {args.d_ref})],
+        readout=args.readout,
+        label_words=lw,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=args.progress,
+        timer=timer,
+        say=say,
+    )
+    measured = scan_eps(
+        model,
+        enc.eval.texts,
+        dirs,
+        sorted(set(epss) | {args.eps_ref}),
+        readout=args.readout,
+        label_words=lw,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        timer=timer,
+        say=say,
+    )
+    with run.timed("exact"):
+        exact = exact_gains(
+            model,
+            enc.eval.texts,
+            dirs,
+            readout=args.readout,
+            label_words=lw,
+            batch_size=args.batch_size,
+            progress=args.progress,
+        )
+    # how linear is the full model at each ε: the scan over the exact first-order gain, per layer
+    lin_rows = []
+    for layer in range(len(exact)):
+        row: dict = {"layer": layer, "exact": float(exact[layer])}
+        for eps in epss:
+            row[f"r{eps:g}"] = float(measured[eps][layer] / exact[layer])
+        lin_rows.append(row)
+    fids = {eps: fidelity(exact, measured[eps]) for eps in epss}
+    lin_rows.append({"layer": "Spearman", **{f"r{e:g}": f.spearman for e, f in fids.items()}})
+    lin_rows.append({"layer": "Pearson", **{f"r{e:g}": f.pearson for e, f in fids.items()}})
+    rows = []
+    for basis in bases:
+        for sweep, xs in (("d", ds), ("eps", epss)):
+            for x in xs:
+                d, eps = (x, args.eps_ref) if sweep == "d" else (args.d_ref, x)
+                s = sur[basis, d]
+                for variant, g in (("per-prompt", s.gains), ("paper", s.gains_paper)):
+                    f = fidelity(g, measured[eps], scale=dirs.scale, identity=s.gains_identity)
+                    rows.append(
+                        dict(
+                            sweep=sweep,
+                            basis=basis,
+                            d=d,
+                            eps=eps,
+                            variant=variant,
+                            **f.as_dict(),
+                        )
+                    )
+    cols = [
+        ("basis", "basis", ""),
+        ("d", "d", ""),
+        ("eps", "ε", "g"),
+        ("variant", "gains", ""),
+        ("raw_spearman", "Spearman raw", ".3f"),
+        ("raw_pearson", "Pearson raw", ".3f"),
+        ("null_identity_raw_spearman", "null identity, raw", ".3f"),
+        ("rel_err_median", "rel. err. (median)", ".3f"),
+        ("spearman", "Spearman norm-rel.", ".3f"),
+        ("null_scale_spearman", "null scale, norm-rel.", ".3f"),
+    ]
+    run.table(f"Fidelity vs d (ε = {args.eps_ref:g})", [r for r in rows if r["sweep"] == "d"], cols)
+    run.table(f"Fidelity vs ε (d = {args.d_ref})", [r for r in rows if r["sweep"] == "eps"], cols)
+    run.table(
+        "Linearity of the full model: scan(ε) / exact first-order gain, per layer "
+        "(1 = linear; last rows: scan(ε) vs exact across layers)",
+        lin_rows,
+        [("layer", "layer", ""), ("exact", "exact gain", ".4g")]
+        + [(f"r{eps:g}", f"ε = {eps:g}", ".3f") for eps in epss],
+    )
+    # plotted in raw units (the headline; norm-relative scores are in the tables)
+    pp = [
+        dict(r, spearman=r["raw_spearman"], pearson=r["raw_pearson"])
+        for r in rows
+        if r["variant"] == "per-prompt"
+    ]
+    titles = {
+        "d": f"Raw-unit fidelity vs reduced order d ({task.name}, ε = {args.eps_ref:g})",
+        "eps": f"Raw-unit fidelity vs scan step ε ({task.name}, d = {args.d_ref})",
+    }
+    for sweep, title in titles.items():
+        plots.plot_ablation(
+            [r for r in pp if r["sweep"] == sweep],
+            run.path(f"ablation_{sweep}.png"),
+            x=sweep,
+            hue="basis",
+            title=title,
+        )
+    run.results.update(
+        rows=rows,
+        measured={str(k): v for k, v in measured.items()},
+        exact=exact,
+        linearity=lin_rows,
+        predicted={f"{b}/{d}": s.gains for (b, d), s in sur.items()},
+    )
+    run.finish()
+    return 0
+
+
+def register(add) -> None:
+    """Add the subcommand's parser (`add(name, func, help, description)`)."""
+    p = add("ablate", cmd_ablate, "fidelity against d, ε and the basis")
+    p.add_argument("--d", default="4,8,16,32,64", help="orders to try (default: 4,8,16,32,64)")
+    p.add_argument(
+        "--eps",
+        default="0.01,0.05,0.1,0.2,0.5",
+        help="scan steps to try (default: 0.01,0.05,0.1,0.2,0.5)",
+    )
+    p.add_argument(
+        "--basis", default="krylov,random", help="bases to compare (default: krylov,random)"
+    )
+    p.add_argument(
+        "--d-ref", type=_positive_int, default=32, help="d used for the ε sweep (default: 32)"
+    )
+    p.add_argument(
+        "--eps-ref", type=float, default=0.1, help="ε used for the d sweep (default: 0.1)"
+    )
+    p.add_argument("--task", default="sst2", help="task (default: sst2)")
+    p.add_argument(
+        "--readout",
+        choices=("concept", "logits"),
+        default="concept",
+        help="readout (default: concept)",
+    )
+    p.add_argument("--label-words", default=None, help="'POS,NEG' (default: the task's)")
+    _data(p)
+    _sizes(p)

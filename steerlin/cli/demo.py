@@ -1,0 +1,216 @@
+"""`steerlin demo`: offline end-to-end tour: fit, gains, fidelity, energy, steered generation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..experiments import separation
+from .common import (
+    DEMO_PROMPTS,
+    ENERGY_COLUMNS,
+    FIDELITY_COLUMNS,
+    Run,
+)
+from .options import (
+    _energy_opts,
+    _order,
+    _positive_int,
+    _sizes,
+)
+from .steps import (
+    _calibrated_schedules,
+    _encode_splits,
+    _energy,
+    _fidelity,
+    _gains_table,
+    _generation_table,
+    _load_model,
+    _splits,
+    _subset,
+)
+
+
+def cmd_demo(args) -> int:
+    """Offline end-to-end tour on Gemma-3-270m and the shipped SST-2 sample."""
+    from .. import plots
+    from ..control import Controller
+
+    run = Run(args, "demo", "steerlin-demo")
+    model = _load_model(args, run)
+    L = model.cfg.n_layers
+    with run.timed("data"):
+        task, splits = _splits(args, "demo", args.n_concept, args.n_operating, args.n_eval)
+    run.say(
+        f"Model {run.config['model']} ({L} blocks, d_model {model.cfg.d_model}); task "
+        f"{task.name}: {args.n_concept}/{args.n_operating}/{args.n_eval} prompts per class for "
+        f"concept/operating/eval (seed {args.seed}); surrogate order d = {args.d}, scan ε = "
+        f"{args.eps}."
+    )
+    enc = _encode_splits(model, splits)
+    with run.timed("fidelity"):
+        tr = _fidelity(args, model, enc, task.name, readouts=("concept",))
+    run.timings.update({f"fidelity/{k}": v for k, v in tr.timings.items()})
+    sur = tr.surrogate("concept")
+    fid = tr.table()
+    run.table("Fidelity: predicted vs measured per-layer gains (eval split)", fid, FIDELITY_COLUMNS)
+    _gains_table(
+        run,
+        "Per-layer gains dy/du_l (concept readout)",
+        sur,
+        tr.measured["concept"],
+        tr.exact_eval["concept"],
+    )
+    # energy: target and calibrations on the first n_energy eval prompts of each class
+    energy_set = _subset(enc.eval, args.n_energy)
+    with run.timed("target"):
+        sep = separation(
+            model, energy_set.texts, energy_set.labels, tr.directions, batch_size=args.batch_size
+        )
+    target = args.target_frac * sep["separation"]
+    run.say(
+        f"\nTarget: {args.target_frac:g} × the class-mean separation of the concept readout "
+        f"<unit_L, x_L> on the eval split ({len(energy_set)} prompts): {args.target_frac:g} × "
+        f"({sep['mean_label1']:.4g} − {sep['mean_label0']:.4g}) = {target:+.4g}."
+    )
+    rows = _energy(run, model, energy_set.texts, sur, target, args)
+    run.table("Energy to reach the target (calibrated on the full model)", rows, ENERGY_COLUMNS)
+    ctrl = Controller(sur, target, units="raw", seed=args.seed)
+    scheds = _calibrated_schedules(ctrl, rows)
+    plots.plot_gains(
+        sur.gains,
+        tr.measured["concept"],
+        run.path("gains.png"),
+        exact=tr.exact_eval["concept"],
+        title=f"{run.config['model']} on {task.name}: per-layer gains (d={args.d})",
+    )
+    plots.plot_energy(
+        rows,
+        run.path("energy.png"),
+        title=f"Energy to shift the readout by {target:+.3g} ({task.name})",
+    )
+    plots.plot_schedule(
+        {k: v for k, v in scheds.items() if k in ("llv", "uniform", "last")} or scheds,
+        run.path("schedule.png"),
+        title=f"Calibrated schedules for a shift of {target:+.3g}",
+    )
+    run.results.update(
+        fidelity=fid,
+        gains=tr.to_json(),
+        target=dict(sep, target=target, target_frac=args.target_frac),
+        energy=rows,
+        schedules=scheds,
+    )
+    if not args.no_generate and model.tokenizer is not None:
+        _demo_generation(run, model, sur, args)
+    cal_llv = rows[0]
+    if math.isfinite(cal_llv.get("multiplier", math.nan)):
+        ctrl.schedule.scaled(cal_llv["multiplier"], calibrated=True).save(
+            run.path("schedule.safetensors")
+        )
+    tr.directions.save(run.path("directions.safetensors"))
+    sur.save(run.path("surrogate.safetensors"))
+    run.say("\nFigures: gains.png, energy.png, schedule.png")
+    run.finish()
+    return 0
+
+
+def register(add) -> None:
+    """Add the subcommand's parser (`add(name, func, help, description)`)."""
+    p = add(
+        "demo",
+        cmd_demo,
+        "offline tour: fit, gains, fidelity, energy, steered generation",
+        "Offline end-to-end demo on Gemma-3-270m and the SST-2 sample shipped with steerlin: "
+        "fit directions and the surrogate, scan full-model gains, compare schedule energies, "
+        "and generate text with and without steering. Writes gains.png, energy.png, "
+        "schedule.png, results.json and results.md to steerlin-demo/.",
+    )
+    _sizes(p, 100, 50, 50)
+    _order(p)
+    p.add_argument("--eps", type=float, default=0.1, help="scan step ε (default: 0.1)")
+    p.add_argument("--template", default="{text}", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--target-frac",
+        type=float,
+        default=0.5,
+        help="target = this × the class-mean separation of the concept readout on "
+        "the eval split (default: 0.5)",
+    )
+    _energy_opts(p)
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="generation prompt (repeatable; default: 'The movie was', 'I think this film')",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=20,
+        help="tokens to generate per prompt (default: 20)",
+    )
+    p.add_argument(
+        "--steer-target",
+        type=float,
+        default=-1.0,
+        help="generation target in class separations (+ = label 1; default -1: toward "
+        "negative), calibrated in the generation regime",
+    )
+    p.add_argument(
+        "--n-energy",
+        type=_positive_int,
+        default=16,
+        help="eval prompts per class for the energy target and calibrations (default: 16)",
+    )
+    p.add_argument("--no-generate", action="store_true", help="skip the generation step")
+
+
+def _demo_generation(run, model, sur, args) -> None:
+    """Steer generation with a schedule calibrated in the regime of use; judge the texts."""
+    import numpy as np
+
+    from ..control import Controller
+    from ..errors import InputError, UnreachableTargetError
+    from ..readouts import make_readout
+    from ..regime import continuation_scores, generate
+    from ..steer_eval import neutral_stems
+
+    ctrl = Controller(sur, args.steer_target)
+    run.say(f"\nSign convention: {ctrl.sign_convention}.")
+    try:
+        with run.timed("calibrate_generation"):
+            ctrl = ctrl.calibrate(model, neutral_stems()["calibration"], n_tokens=8)
+    except UnreachableTargetError as exc:
+        run.say(f"\nThe schedule could not be calibrated for generation ({exc}); no generation.")
+        return
+    cal = ctrl.calibration
+    run.say(
+        f"\nGeneration: greedy, {args.max_new_tokens} new tokens, least-norm schedule for "
+        f"{ctrl.targets[0].describe()}, calibrated in the generation regime (last prompt "
+        f"token + every generated token, 8-token continuations of 12 neutral stems): "
+        f"multiplier {cal.multiplier:.3g} of the surrogate's prediction, measured shift "
+        f"{cal.measured_shift:+.4g}, energy Σu² = {cal.schedule.energy:.4g}."
+    )
+    prompts = args.prompt or list(DEMO_PROMPTS)
+    rd = make_readout(model, "concept", sur.P[-1, :, 0])
+    with run.timed("generate"):
+        plain = generate(model, prompts, args.max_new_tokens)
+        steered = generate(model, prompts, args.max_new_tokens, ctrl, positions="last")
+    ppl = [float(np.exp(continuation_scores(model, c, rd)["nll"].mean())) for c in (plain, steered)]
+    gen = {"target": ctrl.targets[0].to_meta(), "calibration": cal.to_meta(), "ppl": ppl}
+    msg = f"Perplexity under the unsteered model: unsteered {ppl[0]:.2f}, steered {ppl[1]:.2f}."
+    try:
+        from ..judges import vader
+
+        v = [float(vader(c.texts).mean()) for c in (plain, steered)]
+        gen["vader"] = v
+        msg += f" VADER compound (mean): unsteered {v[0]:+.3f}, steered {v[1]:+.3f}."
+    except InputError:
+        msg += " (pip install 'steerlin[eval]' for the VADER judge.)"
+    run.say(msg)
+    gen["samples"] = _generation_table(
+        run, prompts, plain.texts, steered.texts, "Steered vs unsteered"
+    )
+    run.results["generation"] = gen
+    cal.schedule.save(run.path("schedule_generation.safetensors"))

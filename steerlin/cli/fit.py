@@ -1,0 +1,152 @@
+"""`steerlin fit`: fit concept directions and the LLV surrogate on a task."""
+
+from __future__ import annotations
+
+import json
+
+from ..experiments import separation
+from .common import (
+    CliError,
+    Run,
+)
+from .options import (
+    _data,
+    _order,
+    _sizes,
+)
+from .steps import (
+    _check_logits,
+    _encode_splits,
+    _label_words,
+    _load_model,
+    _splits,
+)
+
+
+def cmd_fit(args) -> int:
+    from ..directions import ConceptDirections
+    from ..surrogate import Surrogate
+    from ..trajectory import capture
+
+    run = Run(args, "fit", "steerlin-fit")
+    model = _load_model(args, run)
+    with run.timed("data"):
+        task, splits = _splits(args, args.task, args.n_concept, args.n_operating, args.n_eval)
+    enc = _encode_splits(model, splits)
+    lw = list(_label_words(args, task)) if args.readout == "logits" else None
+    if lw is not None and (why := _check_logits(model, lw)):
+        raise CliError(f"--readout logits: {why}; pass --label-words ' yes, no' (single tokens)")
+    run.config.update(task_name=task.name, label_words=lw, data_source=task.source)
+    with run.timed("directions"):
+        traj = capture(model, enc.concept.texts, batch_size=args.batch_size, progress=args.progress)
+        dirs = ConceptDirections.fit(model, traj, list(enc.concept.labels))
+    with run.timed("surrogate"):
+        sur = Surrogate.fit(
+            model,
+            enc.operating.texts,
+            dirs,
+            d=args.d,
+            basis=args.basis,
+            readout=args.readout,
+            variant=args.variant,
+            label_words=lw,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=args.progress,
+        )
+    with run.timed("separation"):
+        sep = separation(
+            model,
+            enc.eval.texts,
+            enc.eval.labels,
+            dirs,
+            readout=args.readout,
+            label_words=lw,
+            batch_size=args.batch_size,
+        )
+    dirs.save(run.path("directions.safetensors"))
+    sur.save(run.path("surrogate.safetensors"))
+    run.path("splits.json").write_text(
+        json.dumps(
+            {
+                "task": task.name,
+                "template": args.template,
+                "seed": args.seed,
+                **{
+                    name: {"texts": list(p.texts), "labels": list(p.labels)}
+                    for name, p in splits.items()
+                },
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    run.say(
+        f"Fitted {sur!r} on {len(enc.operating)} operating prompts of {task.name}; "
+        f"directions on {len(enc.concept)} concept prompts."
+    )
+    rows = [
+        {
+            "layer": l,
+            "gain": float(sur.gains[l]),
+            "paper": float(sur.gains_paper[l]),
+            "std": float(sur.gains_std[l]),
+            "scale": float(dirs.scale[l]),
+        }
+        for l in range(sur.n_layers)
+    ]
+    run.table(
+        f"Predicted gains dy/du_l ({args.readout} readout, {args.variant})",
+        rows,
+        [
+            ("layer", "layer", ""),
+            ("gain", "gain", ".4g"),
+            ("paper", "paper variant", ".4g"),
+            ("std", "per-prompt std", ".3g"),
+            ("scale", "scale ‖x_l‖", ".4g"),
+        ],
+    )
+    run.say(
+        f"\nReadout class-mean separation on the eval split: {sep['separation']:+.4g} "
+        f"(half of it, {sep['half_separation']:+.4g}, is a natural `control --target`)."
+    )
+    run.results.update(
+        gains=sur.gains,
+        gains_paper=sur.gains_paper,
+        gains_std=sur.gains_std,
+        scale=dirs.scale,
+        separation=sep,
+        surrogate=repr(sur),
+    )
+    run.finish()
+    return 0
+
+
+def register(add) -> None:
+    """Add the subcommand's parser (`add(name, func, help, description)`)."""
+    p = add("fit", cmd_fit, "fit concept directions and the LLV surrogate on a task")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="task name (sst2, irony, hate, ..., or 'demo' for the shipped sample)",
+    )
+    _data(p)
+    _sizes(p)
+    _order(p)
+    p.add_argument(
+        "--readout",
+        choices=("concept", "logits"),
+        default="concept",
+        help="readout y (default: concept)",
+    )
+    p.add_argument(
+        "--variant",
+        choices=("per-prompt", "paper"),
+        default="per-prompt",
+        help="gain variant (default: per-prompt)",
+    )
+    p.add_argument(
+        "--label-words",
+        default=None,
+        help="'POS,NEG' words for the logit readout (default: the task's)",
+    )

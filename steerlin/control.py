@@ -1,0 +1,390 @@
+"""Minimum-energy steering schedules from surrogate gains (no model needed here).
+
+With predicted shifts δy ≈ h^T u (u in norm-relative units, one amplitude per layer), the
+least-norm schedule that reaches a target Δy is
+
+    u* = Δy · h / ‖h‖²      (over the allowed layers; zero elsewhere)
+
+and with k concepts and the gain tensor G[i, j, l] = ∂y_i/∂u_{j,l} (cross-gains included),
+u* = pinv(G) t over the stacked amplitudes. Baselines spread equal amplitude over a layer
+pattern (all layers, the last, one given or one random layer) and solve for its size.
+
+`Schedule` (steerlin.schedule) is what it returns. This module imports no TransformerLens.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from .energy import least_norm, make_metric
+from .errors import InputError, LayerError, ShapeError
+from .linalg import gains_from_reduced
+from .schedule import Schedule
+from .targets import resolve_target
+
+F64 = torch.float64
+
+
+class Controller:
+    """Least-norm steering schedules from one or several fitted surrogates.
+
+    `Controller(surrogate, target=1.0)`: one concept, moved by one class separation toward
+    label 1 (see below). `Controller([s1, s2], target=[t1, t2])`: several concepts on the same
+    model, solved jointly with cross-gains (concept j's injection moving concept i's readout)
+    taken from the surrogates, or from `coupling` (Float[k, k, L], e.g. measured with
+    `steerlin.cross_gains`).
+
+    Targets (`steerlin.targets`): a number is in class separations by default. One class
+    separation is the difference of the readout's class means on the concept split (label 1
+    minus label 0), stored in the surrogate at fit time; +1 moves a prompt from the mean of
+    class 0 to the mean of class 1 along the readout, and + is always label 1. The strings
+    "positive"/"negative" (or the concept's label names, e.g. "hateful") mean ±1. Raw readout
+    (projection) units: `units="raw"`.
+
+    Metric (`steerlin.energy`): the schedule is least-norm in `metric`: "norm" (Σu², the
+    paper's, norm-relative; default), "raw" (Σ‖u_l scale_l unit_l‖²), a per-layer weight
+    vector, or "kl" (½uᵀFu, the predicted KL of the next-token distribution; needs
+    `model=` and `metric_prompts=`, or pass `metric=steerlin.kl_metric(model, prompts, sur)`).
+
+    Calibration: `ctrl.calibrate(model, prompts, positions=...)` returns a calibrated copy
+    (this Controller is not changed); its `apply` then uses the calibrated schedule, under the
+    position policy it was calibrated in.
+
+    Args:
+        surrogates: a Surrogate or a list of them (same model).
+        target: per concept, class separations (or a label name), or raw units with
+            units="raw".
+        units: "separations" (default) or "raw".
+        layers: the layers the schedule may use (default all).
+        coupling: optional gain tensor G[i, j, l]; default from the surrogates.
+        metric: "norm", "raw", "kl", Float[L] weights, Float[L, L] or a `Metric`.
+        model, metric_prompts: for metric="kl" (default prompts: none; give neutral text or
+            the operating prompts).
+        seed: for the "random" baseline.
+    """
+
+    def __init__(
+        self,
+        surrogates,
+        target=1.0,
+        *,
+        units: str = "separations",
+        layers=None,
+        coupling=None,
+        metric="norm",
+        model=None,
+        metric_prompts=None,
+        seed: int = 0,
+    ):
+        single = not isinstance(surrogates, list | tuple)
+        self.surrogates = [surrogates] if single else list(surrogates)
+        if not self.surrogates:
+            raise InputError("surrogates: expected at least one Surrogate, got an empty list")
+        self.single = single
+        k = len(self.surrogates)
+        L = self.surrogates[0].n_layers
+        H = self.surrogates[0].P.shape[1]
+        for s in self.surrogates:
+            if s.n_layers != L or s.P.shape[1] != H:
+                raise ShapeError("surrogates: all must come from the same model shape (L, H)")
+        raw_targets = list(target) if isinstance(target, list | tuple | torch.Tensor) else [target]
+        if len(raw_targets) != k:
+            raise ShapeError(
+                f"target: expected {k} value(s), one per surrogate, got {len(raw_targets)}"
+            )
+        self.targets = [
+            resolve_target(t.item() if isinstance(t, torch.Tensor) else t, s.meta, units=units)
+            for t, s in zip(raw_targets, self.surrogates, strict=True)
+        ]
+        self.units = units
+        self.target = torch.tensor([t.raw for t in self.targets], dtype=F64)
+        self.n_layers = L
+        if layers is None:
+            allowed = list(range(L))
+        else:
+            allowed = sorted({int(x) for x in layers})
+            if not allowed:
+                raise InputError("layers: expected at least one allowed layer, got none")
+            for x in allowed:
+                if not 0 <= x < L:
+                    raise LayerError(f"layers: expected indices in 0..{L - 1}, got {x}")
+        self.layers = allowed
+        self.seed = seed
+        self.G = self._gain_tensor(coupling)
+        if isinstance(metric, str) and metric == "kl":
+            if model is None or metric_prompts is None:
+                raise InputError(
+                    'metric="kl": pass model= and metric_prompts= (neutral text or the '
+                    "operating prompts), or metric=steerlin.kl_metric(model, prompts, surrogate)"
+                )
+            from .fisher import kl_metric
+
+            metric = kl_metric(model, metric_prompts, self.surrogates[0])
+        self.metric = make_metric(metric, _scale_of(self.surrogates[0]))
+        if k > 1 and self.metric.name == "kl":
+            raise InputError("metric='kl' is supported for one concept at a time")
+        self.calibration = None
+        self._apply_positions = None
+
+    @property
+    def sign_convention(self) -> str:
+        """Which label is + for each concept, and the size of one class separation."""
+        parts = []
+        for t in self.targets:
+            sep = "unknown" if t.separation is None else f"{t.separation:.4g}"
+            parts.append(f"+ = {t.label_plus!r}, − = {t.label_minus!r}, 1 separation = {sep}")
+        return "; ".join(parts)
+
+    # ----------------------------------------------------------------- gains
+    def _gain_tensor(self, coupling) -> torch.Tensor:
+        k, L = len(self.surrogates), self.n_layers
+        if coupling is not None:
+            G = torch.as_tensor(coupling, dtype=F64)
+            if G.shape != (k, k, L):
+                raise ShapeError(f"coupling: expected shape [{k}, {k}, {L}], got {tuple(G.shape)}")
+            return G
+        G = torch.zeros(k, k, L, dtype=F64)
+        for i, si in enumerate(self.surrogates):
+            for j, sj in enumerate(self.surrogates):
+                G[i, j] = si.gains if i == j else surrogate_cross_gains(si, sj)
+        return G
+
+    @property
+    def coupling(self) -> Float[torch.Tensor, "k k"]:
+        """‖G[i, j, :]‖ relative to ‖G[i, i, :]‖: how much concept j's injections move readout i."""
+        norms = self.G.norm(dim=-1)
+        return norms / norms.diagonal()[:, None]
+
+    def _mask(self) -> torch.Tensor:
+        m = torch.zeros(self.n_layers, dtype=F64)
+        m[self.layers] = 1
+        return m
+
+    def _make(self, u: torch.Tensor, strategy: str) -> Schedule:
+        """Schedule from stacked amplitudes u [k, L]."""
+        shift = torch.einsum("ijl,jl->i", self.G, u)
+        units = torch.stack([s.P[:-1, :, 0] for s in self.surrogates])  # [k, L, H]
+        scales = torch.stack([_scale_of(s) for s in self.surrogates])  # [k, L]
+        meta = dict(self.surrogates[0].meta)
+        meta = {key: meta[key] for key in ("model_name", "n_layers", "d_model") if key in meta}
+        readouts = [s.meta.get("readout", {"kind": "concept"}) for s in self.surrogates]
+        rd = None
+        if all(r.get("kind") == "concept" for r in readouts):
+            rd = torch.stack([s.P[-1, :, 0] for s in self.surrogates])
+            rd = rd[0] if self.single else rd
+        meta.update(
+            readout=readouts[0] if self.single else readouts,
+            strategy=strategy,
+            target=self.target.tolist() if not self.single else float(self.target[0]),
+            predicted_shift=shift.tolist() if not self.single else float(shift[0]),
+            allowed_layers=self.layers,
+            metric=self.metric.to_meta(),
+            target_units=[t.to_meta() for t in self.targets]
+            if not self.single
+            else self.targets[0].to_meta(),
+        )
+        if self.single:
+            return Schedule(u[0], units[0], scales[0], meta, rd)
+        return Schedule(u, units, scales, meta, rd)
+
+    # ----------------------------------------------------------------- schedules
+    def apply(self, model, *, positions="last", lengths=None):
+        """Context manager: the schedule as live hooks (`Schedule.apply`).
+
+        After `calibrate`, the calibrated schedule (a `positions` other than the one it was
+        calibrated for is refused: a different regime; recalibrate). Before, the
+        surrogate-sized `schedule`.
+        """
+        cal = self.calibration
+        if cal is None:
+            return self.schedule.apply(model, positions=positions, lengths=lengths)
+        if _regime_of(positions) != _regime_of(self._apply_positions):
+            raise InputError(
+                f"positions: this Controller was calibrated with positions="
+                f"{self._apply_positions!r}; applying it with {positions!r} is a different "
+                f"regime (recalibrate with calibrate(..., positions={positions!r}))"
+            )
+        return cal.schedule.apply(model, positions=positions, lengths=lengths)
+
+    def calibrate(
+        self,
+        model,
+        prompts,
+        *,
+        positions="last",
+        n_tokens: int = 8,
+        schedule: Schedule | None = None,
+        readout=None,
+        tol: float = 1e-2,
+        batch_size: int = 16,
+    ) -> Controller:
+        """A copy of this Controller calibrated on the full model in the regime of use.
+
+        One multiplier of the schedule (default: the least-norm `schedule`; or a `baseline`)
+        is bisected until the mean readout shift measured on `prompts` equals the target, in
+        the regime `apply(model, positions=positions)` steers generation in
+        (`steerlin.regime`): for "last"/"generated" (under `model.generate` with its KV cache
+        both steer the last prompt token and every generated token) the shift is measured over
+        the prompts' unsteered greedy continuations of `n_tokens` tokens, teacher-forced, with
+        the schedule on the last prompt token and every continuation token; `n_tokens=0`
+        measures a single forward at the last prompt token only; "all" steers every position.
+
+        Returns a new Controller whose `calibration` holds the result and whose `apply` uses it.
+        """
+        from .regime import calibrate_regime
+        from .verify import _schedule_readout
+
+        if not self.single:
+            raise InputError("calibrate: one concept at a time (a single multiplier per readout)")
+        regime = _regime_of(positions)
+        if regime == "generated" and int(n_tokens) == 0:
+            regime = "last"
+        sched = self.schedule if schedule is None else schedule
+        rd = _schedule_readout(model, sched, readout, None)[0]
+        cal = calibrate_regime(
+            model,
+            prompts,
+            sched,
+            float(self.target[0]),
+            rd,
+            positions=regime,
+            n_new=max(int(n_tokens), 1),
+            tol=tol,
+            batch_size=batch_size,
+        )
+        out = copy.copy(self)
+        out.calibration = cal
+        out._apply_positions = positions
+        return out
+
+    @classmethod
+    def recommend(cls, surrogate, *, strength: float = 1.0, sign: int = 1) -> Controller:
+        """The Controller steerlin recommends, from its behavioural evaluation
+        (`benchmarks/steer_eval.py`, docs/results.md "Steering"): the min-norm schedule over
+        all layers (metric "norm"), target ±`strength` class separations (1: on Gemma-3-270m
+        SST-2 a VADER swing of 0.83 between + and − at 1.02-1.05x perplexity; 2: 1.06 at
+        1.15-1.28x). Calibrate it before use: `.calibrate(model, prompts)` (the evaluation
+        calibrated in the generation regime). Min-KL, single-layer and middle-layer schedules
+        changed the judged text less per unit of side effect there.
+        """
+        if not strength > 0:
+            raise InputError(f"strength: expected a positive number of separations, got {strength}")
+        if sign not in (1, -1):
+            raise InputError(f"sign: expected +1 or -1, got {sign}")
+        return cls(surrogate, sign * float(strength), metric="norm")
+
+    @property
+    def calibrated(self) -> Schedule | None:
+        """The calibrated schedule (None before `calibrate`)."""
+        return None if self.calibration is None else self.calibration.schedule
+
+    def energies(self, schedule: Schedule | None = None) -> dict[str, float]:
+        """A schedule's energy in each metric: Σu² ("norm"), raw, and this Controller's."""
+        sched = schedule or self.calibrated or self.schedule
+        u = sched.amplitudes.to(F64)
+        out = {"norm": sched.energy, "raw": sched.raw_energy}
+        if self.single and self.metric.name not in ("norm", "raw"):
+            e = self.metric.energy(u)
+            out[self.metric.name] = 0.5 * e if self.metric.name == "kl" else e
+        return out
+
+    @property
+    def schedule(self) -> Schedule:
+        """The least-norm schedule in `metric` with G u = target on the allowed layers
+        (surrogate-sized: `calibrate` rescales it on the full model)."""
+        k, L = len(self.surrogates), self.n_layers
+        m = self._mask()
+        if self.single:
+            u = least_norm(self.G[0, 0], float(self.target[0]), self.metric.W, self.layers)
+            u = u[None]
+        else:
+            Gm = (self.G * m).reshape(k, k * L)  # [k, kL], disallowed layers zeroed
+            w = self.metric.W.diagonal().to(F64)
+            if not torch.allclose(self.metric.W, torch.diag(w)):
+                raise InputError("several concepts: the metric must be diagonal (norm/raw/weights)")
+            winv = (1 / w).repeat(k)  # same per-layer weight for every concept
+            GW = Gm * winv
+            u = winv * (Gm.T @ torch.linalg.pinv(GW @ Gm.T) @ self.target)
+        u = (u.reshape(k, L) * m).contiguous()
+        name = "llv" if self.metric.name == "norm" else f"least-{self.metric.name}"
+        return self._make(u, name)
+
+    def baseline(self, kind: str, *, seed: int | None = None) -> Schedule:
+        """Heuristic schedules sized (under the surrogate) to hit the target.
+
+        kind: "uniform" (equal amplitude on every allowed layer), "last" (the last allowed
+        layer), "single:<l>" (layer l), "random" (one allowed layer drawn with `seed`).
+        """
+        L = self.n_layers
+        if kind == "uniform":
+            pattern = self._mask()
+        elif kind == "last":
+            pattern = torch.zeros(L, dtype=F64)
+            pattern[self.layers[-1]] = 1
+        elif kind == "random":
+            rng = np.random.default_rng(self.seed if seed is None else seed)
+            pick = int(rng.choice(self.layers))
+            pattern = torch.zeros(L, dtype=F64)
+            pattern[pick] = 1
+            kind = f"random:{pick}"
+        elif kind.startswith("single:"):
+            try:
+                layer = int(kind.split(":", 1)[1])
+            except ValueError:
+                raise InputError(f"kind: expected 'single:<layer>', got {kind!r}") from None
+            if layer not in self.layers:
+                raise LayerError(f"kind: layer {layer} is not among the allowed {self.layers}")
+            pattern = torch.zeros(L, dtype=F64)
+            pattern[layer] = 1
+        else:
+            raise InputError(
+                f"kind: expected 'uniform', 'last', 'random' or 'single:<l>', got {kind!r}"
+            )
+        Gw = torch.einsum("ijl,l->ij", self.G, pattern)  # [k, k]
+        if torch.linalg.matrix_rank(Gw) < Gw.shape[0]:
+            raise InputError(
+                f"baseline {kind!r}: the surrogate predicts no (or degenerate) effect from that "
+                "layer pattern; it cannot reach the target"
+            )
+        a = torch.linalg.solve(Gw, self.target)  # [k]
+        return self._make(a[:, None] * pattern[None], kind)
+
+
+def _regime_of(positions) -> str:
+    """The regime.py policy a hooks position policy steers generation in."""
+    if positions in ("last", "generated"):
+        return "generated"
+    if positions == "all":
+        return "all"
+    raise InputError(
+        f"positions: calibration supports 'last', 'generated' and 'all', got {positions!r}"
+    )
+
+
+def _scale_of(s) -> torch.Tensor:
+    """scale_l used by a surrogate: B[l] = scale_l * Abar_l[:, 0], stored in its metadata."""
+    sc = s.meta.get("scale")
+    if sc is None:
+        raise InputError("surrogate: metadata lacks 'scale' (refit with this steerlin version)")
+    return torch.as_tensor(sc, dtype=F64)[: s.n_layers]
+
+
+def surrogate_cross_gains(si, sj) -> Float[torch.Tensor, " L"]:
+    """Gains of readout i per unit injection along concept j, from surrogate i's model.
+
+    The injection b^j_l is projected onto surrogate i's basis at layer l and propagated by
+    its reduced dynamics: h^{ij}_l = c_i^T A_{L-1} ... A_{l+1} A_l P_l^T b^j_l. Exact when b^j_l
+    lies in span(P^i_l); otherwise it keeps only the part the basis sees (measure with
+    `steerlin.evaluate.cross_gains` for the exact first-order value).
+    """
+    bj = sj.P[:-1, :, 0] * _scale_of(sj)[:, None]  # [L, H]
+    r = torch.einsum("lhd,lh->ld", si.P[:-1], bj)  # P^i_l^T b^j_l  [L, d]
+    B = torch.einsum("lij,lj->li", si.A, r)  # [L, d]
+    return gains_from_reduced(si.A, B, si.c)
+
+
+__all__ = ["Controller", "Schedule", "surrogate_cross_gains"]

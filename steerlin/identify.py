@@ -1,0 +1,278 @@
+"""Identification of the LLV surrogate: the layer-major sweep over the operating prompts.
+
+Pure algorithm behind `Surrogate.fit`: per layer, push the basis P_l through every prompt's
+frozen-context Jacobian (JVPs), choose P_{l+1} (steerlin.linalg), reduce each prompt's A_l and
+accumulate the means, the per-prompt reduced responses (reachability Gramian) and, for the
+two-sided/observable bases, the observability statistic from VJPs. Equations: `Surrogate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from . import linalg
+from .backend import Model
+from .directions import ConceptDirections
+from .errors import InputError, NonFiniteError
+from .frozen import FrozenContext, LayerwiseContext
+from .readouts import Readout
+
+
+def identity_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def fit_core(
+    model: Model,
+    contexts: Sequence[FrozenContext | LayerwiseContext],
+    directions: ConceptDirections,
+    readout: Readout,
+    d: int,
+    basis: str,
+    seed: int,
+    progress: bool,
+    reduce,
+    orders: Sequence[int] = (),
+    *,
+    obs_gram: Float[torch.Tensor, "Lp1 H H"] | None = None,
+) -> dict[str, Any]:
+    """Layer-major identification; `reduce` sums a statistic over processes (identity: one).
+    `obs_gram`: the observability statistic the two-sided/observable bases need."""
+    L, H = model.cfg.n_layers, model.cfg.d_model
+    f64 = torch.float64
+    gen = torch.Generator().manual_seed(seed)
+    unit = directions.unit.to(f64)
+    scale = directions.scale.to(f64)
+    n_local = sum(len(c) for c in contexts)
+    n = int(reduce(torch.tensor(float(n_local), dtype=f64)).item())
+    if n == 0:
+        raise InputError("prompts: expected at least one operating prompt, got none")
+
+    # b_l = 0 where unit_l = 0 (e.g. every prompt ends in the same token: x_0 is identical)
+    scale = scale * (unit.norm(dim=-1) > 0).to(f64)
+    if basis in ("two-sided", "observable") and obs_gram is None:
+        raise InputError(f"basis={basis!r} needs the observability statistic (obs_gram)")
+    # Only P_0[:, 0] matters (nothing perturbs x_0 before the first injection).
+    anchor0 = unit[0] if unit[0].norm() > 0 else torch.eye(H, dtype=f64)[0]
+    P = [linalg.random_basis(anchor0, d, generator=gen)]
+    # R[i]: per-prompt reduced responses at the current layer to unit injections at 0..l-1
+    R = [torch.zeros(len(c), d, 0, dtype=f64) for c in contexts]
+    Ab_all: list[list[torch.Tensor]] = [[] for _ in contexts]  # per-prompt Abar, per layer
+    A_mean, B_mean, Wc = [], [], [torch.zeros(d, d, dtype=f64)]
+    for layer in tqdm(range(L), desc="surrogate", disable=not progress, leave=False):
+        Pl = P[layer]
+        Ys: list[torch.Tensor] = []
+        sum_Y = torch.zeros(d, H, dtype=f64)
+        for ctx in contexts:
+            # boundary: tangents go to the model's device and dtype, images come back as CPU
+            # float64 for the reduced algebra (small, d x H per prompt)
+            tang = Pl.T.to(ctx.states.device, ctx.states.dtype)[None].expand(len(ctx), d, H)
+            Y = ctx.jvp(layer, tang).to("cpu", f64)  # [b, d, H]: rows are A_l(p) P_l[:, j]
+            Ys.append(Y)
+            sum_Y += Y.sum(0)
+        gram = None
+        if basis == "pod":
+            # propagated responses to every injection so far plus the new one (unit_l), each
+            # injection layer weighted to unit mean-square norm over all prompts
+            resps = [
+                torch.einsum("bdh,bdk->bkh", Y, torch.cat([R[i], _e1(len(Y), d, f64)], dim=2))
+                for i, Y in enumerate(Ys)
+            ]  # [b, l+1, H]
+            sq = reduce(sum(r.pow(2).sum(-1).sum(0) for r in resps)) / n
+            w = sq.clamp_min(1e-300).rsqrt()
+            gram = torch.zeros(H, H, dtype=f64)
+            for r in resps:
+                rw = r * w[None, :, None]
+                gram += torch.einsum("bkh,bkg->hg", rw, rw)
+            del resps
+        sum_Y = reduce(sum_Y)
+        mean_Y = sum_Y / n  # [d, H]
+        what = f"basis P_{layer + 1}"
+        if basis == "krylov":
+            nxt = linalg.anchored_orth(unit[layer + 1], mean_Y.T, d, generator=gen, what=what)
+        elif basis == "two-sided":
+            obs, _ = linalg.principal_directions(obs_gram[layer + 1], d)
+            cand = linalg.two_sided_candidates(obs, mean_Y.T)
+            nxt = linalg.anchored_orth(unit[layer + 1], cand, d, generator=gen, what=what)
+        elif basis == "observable":
+            obs, _ = linalg.principal_directions(obs_gram[layer + 1], d)
+            cand = torch.cat([obs, mean_Y.T], dim=1)  # reachable ones only if obs run out
+            nxt = linalg.anchored_orth(unit[layer + 1], cand, d, generator=gen, what=what)
+        elif basis == "pod":
+            nxt = linalg.pod_basis(unit[layer + 1], reduce(gram), d, generator=gen)
+        else:
+            nxt = linalg.random_basis(unit[layer + 1], d, generator=gen)
+        P.append(nxt)
+        A_l = nxt.T @ mean_Y.T  # [d, d] = P_{l+1}^T (mean A_l) P_l
+        A_mean.append(A_l)
+        B_mean.append(scale[layer] * A_l[:, 0])
+        wc = torch.zeros(d, d, dtype=f64)
+        for i, Y in enumerate(Ys):
+            Ab = torch.einsum("hi,bjh->bij", nxt, Y)  # [b, d, d] per-prompt Abar
+            Ab_all[i].append(Ab)
+            Bb = scale[layer] * Ab[:, :, 0]
+            R[i] = torch.cat([Ab @ R[i], Bb[:, :, None]], dim=2)
+            wc += torch.einsum("bik,bjk->ij", R[i], R[i])
+        Wc.append(reduce(wc) / n)
+        del Ys
+
+    # readout rows: c(p) = P_L^T ∇y(p); concept readout gives e_1 for every prompt
+    sum_c = torch.zeros(d, dtype=f64)
+    sum_grad = torch.zeros(H, dtype=f64)
+    sum_g = torch.zeros(L, dtype=f64)
+    sum_g2 = torch.zeros(L, dtype=f64)
+    Wo = torch.zeros(L + 1, d, d, dtype=f64)
+    for i, ctx in enumerate(contexts):
+        grad = readout.gradient(model, ctx.states[:, -1]).to("cpu", f64)  # [b, H]
+        sum_grad += grad.sum(0)
+        c_p = grad @ P[L]  # [b, d]
+        sum_c += c_p.sum(0)
+        g_p = torch.einsum("bd,bdk->bk", c_p, R[i])  # [b, L]
+        sum_g += g_p.sum(0)
+        sum_g2 += g_p.pow(2).sum(0)
+        w = c_p  # reduced observability recursion w_l = Abar_l(p)^T w_{l+1}
+        Wo[L] += w.T @ w
+        for layer in range(L - 1, -1, -1):
+            w = torch.einsum("bij,bi->bj", Ab_all[i][layer], w)
+            Wo[layer] += w.T @ w
+    Wo = reduce(Wo) / n
+    lower = {}
+    for o in sorted({int(o) for o in orders if int(o) < d}):
+        lower[o] = _truncated(contexts, readout, model, P, Ab_all, scale, o, n, reduce)
+    del Ab_all
+    hankel = _hankel(Wc, Wo)
+    c = reduce(sum_c) / n
+    mean_grad = reduce(sum_grad) / n
+    gains_prompt = reduce(sum_g) / n
+    var = (reduce(sum_g2) / n - gains_prompt.pow(2)).clamp_min(0)
+    A = torch.stack(A_mean)
+    B = torch.stack(B_mean)
+    gains_paper = linalg.gains_from_reduced(A, B, c)
+    out = {
+        "P": torch.stack(P),
+        "A": A,
+        "B": B,
+        "c": c,
+        "gains_prompt": gains_prompt,
+        "gains_paper": gains_paper,
+        "gains_std": var.sqrt(),
+        # null model: the injection reaches x_L unchanged (every A_l = I)
+        "gains_identity": scale[:L] * (unit[:L] @ mean_grad),
+        "hankel": hankel,
+        "n": torch.tensor(n),
+        "orders": lower,
+    }
+    for k in ("gains_prompt", "gains_paper"):
+        if not torch.isfinite(out[k]).all():
+            bad = (~torch.isfinite(out[k])).nonzero().flatten().tolist()
+            raise NonFiniteError(f"surrogate: non-finite gains at layers {bad}")
+    return out
+
+
+def _truncated(contexts, readout, model, P, Ab_all, scale, o: int, n: int, reduce):
+    """The order-o model inside an order-d fit: top-left blocks of every reduced matrix.
+
+    Valid because the bases are nested (see `Surrogate.fit_orders`). Per-prompt gains by the
+    backward recursion w_L = c(p), w_l = Abar_l(p)ᵀ w_{l+1}, g_l(p) = w_{l+1} · Bbar_l(p).
+    """
+    f64 = torch.float64
+    L = len(Ab_all[0])
+    sum_g = torch.zeros(L, dtype=f64)
+    sum_g2 = torch.zeros(L, dtype=f64)
+    sum_A = torch.zeros(L, o, o, dtype=f64)
+    sum_c = torch.zeros(o, dtype=f64)
+    Wc_o = torch.zeros(L + 1, o, o, dtype=f64)
+    Wo_o = torch.zeros(L + 1, o, o, dtype=f64)
+    for i, ctx in enumerate(contexts):
+        R = torch.zeros(len(ctx), o, 0, dtype=f64)  # order-o responses, as in _fit_core
+        for layer in range(L):
+            Ab = Ab_all[i][layer][:, :o, :o]
+            R = torch.cat([Ab @ R, scale[layer] * Ab[:, :, :1]], dim=2)
+            Wc_o[layer + 1] += torch.einsum("bik,bjk->ij", R, R)
+        grad = readout.gradient(model, ctx.states[:, -1]).to("cpu", f64)
+        w = grad @ P[L][:, :o]  # [b, o]
+        sum_c += w.sum(0)
+        Wo_o[L] += w.T @ w
+        g = torch.zeros(len(ctx), L, dtype=f64)
+        for layer in range(L - 1, -1, -1):
+            Ab = Ab_all[i][layer][:, :o, :o]
+            g[:, layer] = scale[layer] * (w * Ab[:, :, 0]).sum(-1)
+            w = torch.einsum("bij,bi->bj", Ab, w)
+            Wo_o[layer] += w.T @ w
+            sum_A[layer] += Ab.sum(0)
+        sum_g += g.sum(0)
+        sum_g2 += g.pow(2).sum(0)
+    A = reduce(sum_A) / n
+    B = scale[:L, None] * A[:, :, 0]
+    c = reduce(sum_c) / n
+    gains = reduce(sum_g) / n
+    var = (reduce(sum_g2) / n - gains.pow(2)).clamp_min(0)
+    Wc_o, Wo_o = reduce(Wc_o) / n, reduce(Wo_o) / n
+    hankel = _hankel(Wc_o, Wo_o)
+    return {
+        "P": torch.stack(P)[:, :, :o],
+        "A": A,
+        "B": B,
+        "c": c,
+        "gains_prompt": gains,
+        "gains_paper": linalg.gains_from_reduced(A, B, c),
+        "gains_std": var.sqrt(),
+        "hankel": hankel,
+    }
+
+
+def _hankel(Wc, Wo) -> torch.Tensor:
+    """Hankel singular values per layer, NaN where a gramian is not finite (the fit then
+    raises NonFiniteError on its gains, naming the layers)."""
+    rows = []
+    for wc, wo in zip(Wc, Wo, strict=True):
+        if torch.isfinite(wc).all() and torch.isfinite(wo).all():
+            rows.append(linalg.hankel_singular_values(wc, wo))
+        else:
+            rows.append(torch.full((wc.shape[0],), float("nan"), dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def observability_grams(model, contexts: Iterable, readout: Readout, reduce) -> torch.Tensor:
+    """Σ_p w_l(p) w_l(p)ᵀ for l = 0..L: the observability statistic of the two-sided basis.
+
+    w_L(p) = ∇_x y at the prompt's final state, w_l(p) = A_l(p)ᵀ w_{l+1}(p) (one VJP per
+    prompt and layer on the frozen-context path: the work of one backward pass).
+    """
+    L, H = model.cfg.n_layers, model.cfg.d_model
+    gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
+    for ctx in contexts:
+        # name the first broken thing before the backward pass smears it over every layer
+        bad = (~torch.isfinite(ctx.states)).flatten(2).any(-1).any(0).nonzero().flatten()
+        if len(bad):
+            first = int(bad[0])
+            raise NonFiniteError(
+                f"surrogate: non-finite clean states x_l at layers {bad.tolist()}: the model's "
+                f"forward at layer {max(first - 1, 0)} produced them"
+            )
+        w = readout.gradient(model, ctx.states[:, -1]).to(ctx.states.dtype)  # [b, H]
+        if not torch.isfinite(w).all():
+            raise NonFiniteError(
+                f"surrogate: non-finite readout gradient ∇y at x_L (readout {readout.kind!r})"
+            )
+        w64 = w.to("cpu", torch.float64)
+        gram[L] += w64.T @ w64
+        for layer in range(L - 1, -1, -1):
+            w = ctx.vjp(layer, w[:, None])[:, 0]
+            w64 = w.to("cpu", torch.float64)
+            gram[layer] += w64.T @ w64
+    return reduce(gram)
+
+
+def _e1(b: int, d: int, dtype) -> torch.Tensor:
+    e = torch.zeros(b, d, 1, dtype=dtype)
+    e[:, 0, 0] = 1.0
+    return e
+
+
+__all__ = ["fit_core", "identity_reduce", "observability_grams"]

@@ -1,0 +1,89 @@
+"""Readouts: the scalar y read from the final residual x_L (concept or logit difference)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+
+from . import backend
+from .backend import Model
+from .errors import InputError
+
+ReadoutKind = Literal["concept", "logits"]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """The scalar y read from x_L.
+
+    "concept": y = <direction, x_L> with direction = unit_L (ConceptDirections).
+    "logits": y = logit(pos_token) - logit(neg_token) through ln_final and the unembedding
+    (with the model's logit soft-cap, if any).
+    """
+
+    kind: ReadoutKind
+    direction: Float[torch.Tensor, " H"] | None = None
+    pos_token: int | None = None
+    neg_token: int | None = None
+
+    def __call__(self, model: Model, x: Float[torch.Tensor, "... H"]) -> torch.Tensor:
+        if self.kind == "concept":
+            return x @ self.direction.to(x)
+        logits = backend.get(model).logits(model, x, [self.pos_token, self.neg_token])
+        return logits[..., 0] - logits[..., 1]
+
+    def gradient(self, model: Model, x: Float[torch.Tensor, "b H"]) -> torch.Tensor:
+        """∂y/∂x_L at each row of x: the readout's linearisation (constant for "concept")."""
+        if self.kind == "concept":
+            return self.direction.to(x).expand_as(x).clone()
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self(model, xg).sum(), xg)
+        return g
+
+    def to_meta(self) -> dict:
+        return {"kind": self.kind, "pos_token": self.pos_token, "neg_token": self.neg_token}
+
+
+def make_readout(
+    model: Model,
+    kind: str | Readout,
+    unit_final: torch.Tensor | None,
+    *,
+    label_words: Sequence[str] | Sequence[int] | None = None,
+) -> Readout:
+    """Build a Readout: "concept" from unit_L, "logits" from two label words or token ids."""
+    if isinstance(kind, Readout):
+        return kind
+    if kind == "concept":
+        return Readout("concept", direction=unit_final)
+    if kind != "logits":
+        raise InputError(f"readout: expected 'concept' or 'logits', got {kind!r}")
+    words = tuple(label_words) if label_words is not None else (" positive", " negative")
+    if len(words) != 2:
+        raise InputError(f"label_words: expected (positive, negative), got {words!r}")
+    ids = []
+    for w in words:
+        if hasattr(w, "__index__") and not isinstance(w, bool | str):
+            ids.append(int(w.__index__()))
+            continue
+        if model.tokenizer is None:
+            raise InputError("label_words: the model has no tokenizer; pass two token ids")
+        toks = model.to_tokens(w, prepend_bos=False)[0].tolist()
+        if len(toks) != 1:
+            raise InputError(
+                f"label_words: {w!r} is {len(toks)} tokens for this tokenizer; the logit "
+                "readout needs single-token words"
+            )
+        ids.append(toks[0])
+    for t in ids:
+        if not 0 <= t < model.cfg.d_vocab:
+            raise InputError(f"label_words: token id {t} outside 0..{model.cfg.d_vocab - 1}")
+    return Readout("logits", pos_token=ids[0], neg_token=ids[1])
+
+
+__all__ = ["Readout", "ReadoutKind", "make_readout"]

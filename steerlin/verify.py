@@ -1,0 +1,284 @@
+"""The full model checks a schedule: measured readout shift, calibration, energy comparison.
+
+`measure_shift` runs a schedule on the full model (frozen-context single-token path, or hooks
+and full forwards); `calibrate` bisects one multiplier until the measured shift hits the
+target (the paper's procedure); `compare_energy` calibrates the minimum-energy schedule and
+the baselines and reports their energies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import backend
+from .backend import Model, check_model
+from .control import Controller
+from .directions import ConceptDirections
+from .errors import InputError, NonFiniteError, UnreachableTargetError
+from .frozen import iter_contexts
+from .gains import METHODS
+from .hooks import inject, resid_post_name
+from .readouts import Readout, make_readout
+from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
+
+
+def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
+    """Readout(s) a schedule's target refers to: explicit, or the schedule's own."""
+    if isinstance(readout, Readout):
+        return [readout]
+    if isinstance(readout, ConceptDirections):
+        return [make_readout(model, "concept", readout.unit[-1])]
+    if isinstance(readout, torch.Tensor):
+        rows = readout if readout.ndim == 2 else readout[None]
+        return [make_readout(model, "concept", r) for r in rows]
+    kinds = schedule.meta.get("readout", {"kind": "concept"})
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if readout in (None, "concept") and schedule.readout is not None:
+        rows = schedule.readout if schedule.readout.ndim == 2 else schedule.readout[None]
+        return [make_readout(model, "concept", r) for r in rows]
+    if readout in (None, "logits") and kinds[0].get("kind") == "logits":
+        return [
+            make_readout(model, "logits", None, label_words=[k["pos_token"], k["neg_token"]])
+            for k in kinds
+        ]
+    if readout == "logits":
+        return [make_readout(model, "logits", None, label_words=label_words)]
+    raise InputError(
+        "readout: the schedule carries no readout direction; pass readout=ConceptDirections, "
+        "a direction tensor or a Readout"
+    )
+
+
+def _shift_contexts(contexts, vectors, readouts, alphas) -> torch.Tensor:
+    """Mean readout shifts [m, r] for schedule multipliers `alphas` (cached single-token path)."""
+    model = contexts[0].model
+    alphas = torch.as_tensor(alphas, dtype=model.cfg.dtype, device=model.cfg.device)
+    m = alphas.shape[0]
+    total = torch.zeros(m, len(readouts), dtype=torch.float64)
+    n = 0
+    vec = vectors.to(device=model.cfg.device, dtype=model.cfg.dtype)
+    active = (vec != 0).any(-1)
+    with torch.no_grad():
+        for ctx in contexts:
+            x0 = ctx.states[:, -1]
+            z = ctx.states[:, 0][:, None, :].expand(-1, m, -1)  # [b, m, H]
+            for layer in range(ctx.n_layers):
+                if active[layer]:
+                    z = z + alphas[None, :, None] * vec[layer]
+                z = ctx.block_many(layer, z)
+            for j, rd in enumerate(readouts):
+                dy = rd(model, z) - rd(model, x0)[:, None]  # [b, m]
+                total[:, j] += dy.to("cpu", torch.float64).sum(0)
+            n += len(ctx)
+    out = total / n
+    if not torch.isfinite(out).all():
+        raise NonFiniteError("schedule shift: non-finite readout")
+    return out
+
+
+def _shift_hooks(model, prompts, schedule, readouts, alpha, batch_size) -> torch.Tensor:
+    """Mean readout shifts [r] for one multiplier with hooks and full forwards."""
+    ids = tokenize(model, prompts)
+    name = resid_post_name(model.cfg.n_layers - 1)
+    engine = backend.get(model)
+    total = torch.zeros(len(readouts), dtype=torch.float64)
+    adds = {
+        k: alpha * v.to(device=model.cfg.device, dtype=model.cfg.dtype)
+        for k, v in schedule.additions().items()
+    }
+    for bt in iter_batches(ids, batch_size, pad=pad_id(model), device=model.cfg.device):
+        rows = torch.arange(len(bt.index), device=bt.tokens.device)
+        got = {}
+        grab = lambda r, hook: got.__setitem__("x", r[rows, bt.lengths - 1])
+        with torch.no_grad():
+            engine.run_with_hooks(model, bt.tokens, [(name, grab)], return_type=None)
+            x0 = got["x"]
+            with inject(model, adds, positions="last", lengths=bt.lengths):
+                engine.run_with_hooks(model, bt.tokens, [(name, grab)], return_type=None)
+        for j, rd in enumerate(readouts):
+            total[j] += (rd(model, got["x"]) - rd(model, x0)).to("cpu", torch.float64).sum()
+    return total / len(ids)
+
+
+def measure_shift(
+    model: Model,
+    prompts: PromptsLike,
+    schedule,
+    *,
+    readout=None,
+    label_words: Sequence[str] | Sequence[int] | None = None,
+    method: str = "cached",
+    batch_size: int = 16,
+    engine: str = "auto",
+) -> torch.Tensor:
+    """Full-model mean readout shift(s) Float[r] that `schedule` causes on the prompts.
+
+    engine: the frozen-context engine of method="cached" (see `steerlin.frozen`)."""
+    check_model(model)
+    schedule.check_for(model)
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    rds = _schedule_readout(model, schedule, readout, label_words)
+    if method == "hooks":
+        return _shift_hooks(model, prompts, schedule, rds, 1.0, batch_size)
+    contexts = list(iter_contexts(model, prompts, batch_size=batch_size, engine=engine))
+    return _shift_contexts(contexts, schedule.vectors, rds, [1.0])[0]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Result of `calibrate`: the rescaled schedule and what the full model did with it."""
+
+    schedule: object
+    multiplier: float
+    measured_shift: float
+    evaluations: int
+
+
+def calibrate(
+    model: Model,
+    prompts: PromptsLike,
+    schedule,
+    target: float,
+    *,
+    readout=None,
+    label_words: Sequence[str] | Sequence[int] | None = None,
+    tol: float = 1e-3,
+    max_multiplier: float = 1024.0,
+    max_evaluations: int = 60,
+    method: str = "cached",
+    batch_size: int = 16,
+    engine: str = "auto",
+) -> Calibration:
+    """Bisection on one multiplier α of `schedule` until the full model's mean readout shift
+    equals `target` (to `tol` relative): the paper's procedure.
+
+    The bracket starts at [0, 1] (α = 1 is the surrogate's prediction) and doubles up to
+    `max_multiplier`; with no sign change there, UnreachableTargetError says how far it got.
+    method="cached" evaluates on the frozen-context single-token path; "hooks" uses full
+    forwards with TransformerLens hooks (for checks on a few prompts). engine: the
+    frozen-context engine of method="cached" (see `steerlin.frozen`).
+    """
+    check_model(model)
+    schedule.check_for(model)
+    target = float(target)
+    if not math.isfinite(target) or target == 0:
+        raise InputError(f"target: expected a finite non-zero shift, got {target}")
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    if not schedule.layers:
+        raise InputError("schedule: all amplitudes are zero; nothing to calibrate")
+    rds = _schedule_readout(model, schedule, readout, label_words)[:1]
+    if method == "cached":
+        contexts = list(iter_contexts(model, prompts, batch_size=batch_size, engine=engine))
+        f = lambda a: float(_shift_contexts(contexts, schedule.vectors, rds, [a])[0, 0])
+    else:
+        f = lambda a: float(_shift_hooks(model, prompts, schedule, rds, a, batch_size)[0])
+    evals = 0
+    lo, f_lo = 0.0, 0.0
+    hi = 1.0
+    f_hi = f(hi)
+    evals += 1
+    best = (abs(f_hi - target), hi, f_hi)
+    while (f_hi - target) * (f_lo - target) > 0:
+        if abs(f_hi - target) <= tol * abs(target):
+            break
+        if hi >= max_multiplier or evals >= max_evaluations:
+            raise UnreachableTargetError(
+                f"calibrate: no multiplier in [0, {hi:g}] reaches the target shift {target:g}; "
+                f"the closest was {best[2]:.4g} at multiplier {best[1]:.4g} after {evals} "
+                "full-model evaluations (the full model saturates or reverses along this "
+                "schedule)"
+            )
+        lo, f_lo = hi, f_hi
+        hi *= 2
+        f_hi = f(hi)
+        evals += 1
+        best = min(best, (abs(f_hi - target), hi, f_hi))
+    a, fa = hi, f_hi
+    while abs(fa - target) > tol * abs(target) and evals < max_evaluations:
+        mid = (lo + hi) / 2
+        fm = f(mid)
+        evals += 1
+        if (fm - target) * (f_lo - target) > 0:
+            lo, f_lo = mid, fm
+        else:
+            hi, f_hi = mid, fm
+        a, fa = mid, fm
+    if abs(fa - target) > tol * abs(target):
+        raise UnreachableTargetError(
+            f"calibrate: bisection stopped after {evals} evaluations at shift {fa:.6g} "
+            f"(target {target:g}, tol {tol:g})"
+        )
+    cal = schedule.scaled(a, calibrated=True, measured_shift=fa, multiplier=a)
+    return Calibration(schedule=cal, multiplier=a, measured_shift=fa, evaluations=evals)
+
+
+def compare_energy(
+    model: Model,
+    prompts: PromptsLike,
+    surrogate,
+    target: float,
+    *,
+    baselines: Sequence[str] = ("uniform", "last", "random"),
+    n_random: int = 5,
+    layers: Sequence[int] | None = None,
+    tol: float = 1e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[dict]:
+    """Calibrate the minimum-energy (LLV) schedule and the baselines on the full model.
+
+    Returns one row per strategy: strategy, energy (Σu², norm-relative: the headline),
+    ratio_to_llv, raw_energy, measured_shift, multiplier, evaluations, layers; "random" gives
+    `n_random` seeded draws and a median row. A strategy that cannot reach the target keeps
+    its row with energy = inf and the error message.
+    """
+    ctrl = Controller(surrogate, target, units="raw", layers=layers, seed=seed)
+    plans = [("llv", ctrl.schedule)]
+    for kind in baselines:
+        if kind == "random":
+            # distinct seeded layers (a draw with replacement would repeat rows)
+            picks = np.random.default_rng(seed).permutation(ctrl.layers)[:n_random]
+            plans += [(f"random:{int(p)}", ctrl.baseline(f"single:{int(p)}")) for p in picks]
+        else:
+            plans.append((kind, ctrl.baseline(kind)))
+    rows = []
+    for name, sched in plans:
+        row = {"strategy": name or sched.strategy, "layers": sched.layers}
+        try:
+            cal = calibrate(model, prompts, sched, target, tol=tol, batch_size=batch_size)
+            row.update(
+                energy=cal.schedule.energy,
+                raw_energy=cal.schedule.raw_energy,
+                measured_shift=cal.measured_shift,
+                multiplier=cal.multiplier,
+                evaluations=cal.evaluations,
+            )
+        except UnreachableTargetError as exc:
+            row.update(
+                energy=math.inf,
+                raw_energy=math.inf,
+                measured_shift=math.nan,
+                multiplier=math.nan,
+                evaluations=0,
+                error=str(exc),
+            )
+        rows.append(row)
+    e_llv = rows[0]["energy"]
+    randoms = [r for r in rows if r["strategy"].startswith("random")]
+    if len(randoms) > 1:
+        med = sorted(randoms, key=lambda r: r["energy"])[len(randoms) // 2]
+        rows.append(dict(med, strategy=f"random (median of {len(randoms)})"))
+    for r in rows:
+        r["ratio_to_llv"] = r["energy"] / e_llv if e_llv > 0 else math.nan
+        r["raw_ratio_to_llv"] = r["raw_energy"] / rows[0]["raw_energy"]
+    return rows
+
+
+__all__ = ["Calibration", "calibrate", "compare_energy", "measure_shift"]

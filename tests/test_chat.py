@@ -1,0 +1,37 @@
+"""Chat templates for instruct models: prompts become user turns ending with the generation
+prompt, BOS not doubled, labels kept (an in-memory tokenizer with a chat template)."""
+
+from __future__ import annotations
+
+import pytest
+from _wordtok import NEG, POS, with_tokenizer
+from conftest import make_gemma_like
+
+from steerlin import LabelledPrompts, Surrogate
+from steerlin.data import TASKS, Task, chat_prompts
+from steerlin.errors import InputError
+
+
+def test_chat_prompts_and_fit():
+    model = with_tokenizer(make_gemma_like(seed=2))
+    lp = LabelledPrompts(POS + NEG, [1] * 10 + [0] * 10).with_chat(model.tokenizer)
+    assert lp.texts[0] == "user : good movie .<s>assistant :"
+    assert lp.labels == (1,) * 10 + (0,) * 10
+    toks = model.to_tokens(lp.texts[0])[0].tolist()
+    assert toks.count(model.tokenizer.bos_token_id) == 2  # TL's BOS + the assistant turn's
+    assert toks[0] == model.tokenizer.bos_token_id and toks[1] != toks[0]
+    with_sys = chat_prompts(["good"], model.tokenizer, system="be nice")
+    assert with_sys == ["system : be nice .<s>user : good .<s>assistant :"]
+    task = Task("toy", TASKS["sst2"], LabelledPrompts(POS + NEG, [1] * 10 + [0] * 10))
+    sp = task.split_chat(model.tokenizer, 4, 3, 3, seed=0)
+    assert all(t.endswith("assistant :") for t in sp.operating.texts)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # every chat prompt ends in "assistant :" (documented)
+        Surrogate.fit(model, sp, d=4)
+
+
+def test_chat_without_template():
+    with pytest.raises(InputError, match="no chat template"):
+        chat_prompts(["x"], None)

@@ -1,0 +1,178 @@
+"""Controller targets in class separations, metrics of the least-norm solve, calibration in the
+regime of use (tiny float64 models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_prompts
+
+from steerlin import ConceptDirections, Controller, Surrogate
+from steerlin.energy import Metric, make_metric
+from steerlin.errors import InputError
+from steerlin.fisher import kl_metric
+from steerlin.readouts import make_readout
+from steerlin.regime import Continuations, measure_regime_shift
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def fitted(gemma_like):
+    m = gemma_like
+    concept = random_prompts(m, 16, 3, 12, seed=11)
+    labels = [i % 2 for i in range(16)]
+    dirs = ConceptDirections.fit(m, concept, labels, label_names=("calm", "angry"))
+    ops = random_prompts(m, 6, 3, 10, seed=5)
+    sur = Surrogate.fit(m, ops, dirs, d=4)
+    return m, concept, labels, dirs, ops, sur
+
+
+def test_separation_is_the_class_mean_difference(fitted):
+    m, concept, labels, dirs, ops, sur = fitted
+    from steerlin.trajectory import capture
+
+    xL = capture(m, concept).states[:, -1].to(F64)
+    y = torch.tensor(labels)
+    proj = xL @ dirs.unit[-1].to(F64)
+    want = float(proj[y == 1].mean() - proj[y == 0].mean())
+    assert sur.meta["separation"]["value"] == pytest.approx(want, rel=1e-10)
+    # logit readout: from the stored class-mean logits, against the direct computation
+    rd = make_readout(m, "logits", None, label_words=[3, 7])
+    ly = rd(m, xL.to(m.cfg.dtype)).to(F64)
+    want_l = float(ly[y == 1].mean() - ly[y == 0].mean())
+    assert dirs.separation(rd) == pytest.approx(want_l, rel=1e-5)
+    sur_l = Surrogate.fit(m, ops, dirs, d=4, readout="logits", label_words=[3, 7])
+    assert sur_l.meta["separation"]["value"] == pytest.approx(want_l, rel=1e-5)
+    assert sur.meta["label_names"] == ["calm", "angry"]
+
+
+def test_target_units(fitted):
+    *_, sur = fitted
+    sep = sur.meta["separation"]["value"]
+    one = Controller(sur, 1.0)
+    assert float(one.target[0]) == pytest.approx(sep)
+    assert float(Controller(sur, -0.5).target[0]) == pytest.approx(-0.5 * sep)
+    assert float(Controller(sur, 123.0, units="raw").target[0]) == 123.0
+    for word, sign in (("positive", 1), ("negative", -1), ("angry", 1), ("calm", -1)):
+        assert float(Controller(sur, word).target[0]) == pytest.approx(sign * sep)
+    assert "+ = 'angry'" in one.sign_convention
+    s = one.schedule
+    assert s.predicted_shift == pytest.approx(sep)
+    assert s.meta["target_units"]["separations"] == 1.0
+    assert s.meta["target_units"]["plus"] == "angry"
+    with pytest.raises(InputError, match="target"):
+        Controller(sur, "sideways")
+    with pytest.raises(InputError, match="units"):
+        Controller(sur, 1.0, units="furlongs")
+    old = Surrogate(
+        **{k: getattr(sur, k) for k in ("P", "A", "B", "c", "gains", "gains_paper", "gains_std")},
+        meta={k: v for k, v in sur.meta.items() if k != "separation"},
+    )
+    with pytest.raises(InputError, match="units='raw'"):
+        Controller(old, 1.0)
+    assert float(Controller(old, 5.0, units="raw").target[0]) == 5.0
+
+
+@pytest.mark.parametrize("metric", ["norm", "raw", "weights", "kl"])
+def test_least_norm_in_each_metric(fitted, metric):
+    m, concept, labels, dirs, ops, sur = fitted
+    L = sur.n_layers
+    scale = torch.as_tensor(sur.meta["scale"], dtype=F64)[:L]
+    if metric == "weights":
+        met = torch.linspace(1, 3, L, dtype=F64)
+        W = torch.diag(met)
+    elif metric == "kl":
+        met = kl_metric(m, ops, dirs)
+        W = met.W
+    else:
+        met = metric
+        W = torch.eye(L, dtype=F64) if metric == "norm" else torch.diag(scale**2)
+    ctrl = Controller(sur, 1.0, metric=met)
+    u = ctrl.schedule.amplitudes.to(F64)
+    h = sur.gains.to(F64)
+    dy = float(ctrl.target[0])
+    assert float(h @ u) == pytest.approx(dy, rel=1e-10)
+    want = dy * torch.linalg.solve(W, h) / (h @ torch.linalg.solve(W, h))
+    assert torch.allclose(u, want, rtol=1e-9, atol=1e-12 * want.abs().max())
+    # optimality: any other schedule reaching the target costs more in W
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        v = torch.randn(L, generator=g, dtype=F64)
+        v = v - (h @ v) / (h @ h) * h  # h-orthogonal direction keeps the shift
+        w = u + 0.1 * v * u.norm() / v.norm()
+        assert float(w @ W @ w) > float(u @ W @ u)
+    assert ctrl.schedule.meta["metric"]["name"] == make_metric(met, scale).name
+
+
+def test_metric_kl_by_name(fitted):
+    m, concept, labels, dirs, ops, sur = fitted
+    a = Controller(sur, 1.0, metric="kl", model=m, metric_prompts=ops).schedule
+    b = Controller(sur, 1.0, metric=kl_metric(m, ops, sur)).schedule
+    assert torch.allclose(a.amplitudes, b.amplitudes)
+    with pytest.raises(InputError, match="kl"):
+        Controller(sur, 1.0, metric="kl")
+    with pytest.raises(InputError, match="metric"):
+        Controller(sur, 1.0, metric="manhattan")
+    assert isinstance(Controller(sur, 1.0, metric=torch.eye(sur.n_layers)).metric, Metric)
+
+
+def _cont(model, prompts, n):
+    new = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=n,
+                do_sample=False,
+                stop_at_eos=False,
+                verbose=False,
+            )
+        new.append(out[0, len(p) :])
+    return Continuations(None, [list(p) for p in prompts], torch.stack(new), [""] * len(prompts))
+
+
+def test_recommend(fitted):
+    *_, sur = fitted
+    rec = Controller.recommend(sur, strength=2, sign=-1)
+    assert rec.metric.name == "norm"
+    assert float(rec.target[0]) == pytest.approx(-2 * sur.meta["separation"]["value"])
+
+
+@pytest.mark.parametrize("positions", ["last", "generated", "all"])
+def test_calibrate_then_apply_uses_the_calibration(fitted, positions):
+    m, concept, labels, dirs, ops, sur = fitted
+    ctrl = Controller(sur, 0.5)
+    cont = _cont(m, ops, 4)
+    cal = ctrl.calibrate(m, cont, positions=positions, n_tokens=4)
+    assert ctrl.calibration is None
+    assert cal.calibration.positions == ("all" if positions == "all" else "generated")
+    rd = make_readout(m, "concept", dirs.unit[-1])
+    got = measure_regime_shift(
+        m,
+        cont,
+        cal.calibrated.vectors,
+        rd,
+        positions=cal.calibration.positions,
+        n_new=cal.calibration.n_new,
+    )
+    assert got == pytest.approx(float(ctrl.target[0]), rel=1.1e-2)
+    # apply uses the calibrated schedule, not the surrogate-sized one
+    tok = torch.tensor([ops[0]])
+
+    def out(ctx):
+        with ctx, torch.no_grad():
+            return m(tok)[0, -1]
+
+    if positions == "generated":  # reads the prompt end from a KV cache: not a plain forward
+        with pytest.raises(InputError, match="calibrated with"):
+            cal.apply(m, positions="all")
+        return
+    via_ctrl = out(cal.apply(m, positions=positions))
+    assert torch.equal(via_ctrl, out(cal.calibrated.apply(m, positions=positions)))
+    assert not torch.allclose(via_ctrl, out(ctrl.schedule.apply(m, positions=positions)))
+    with pytest.raises(InputError, match="calibrated with"):
+        other = "all" if positions != "all" else "last"
+        cal.apply(m, positions=other)
+    # the calibrated multiplier differs between regimes (the point of calibrating in them)
+    assert cal.calibration.multiplier > 0

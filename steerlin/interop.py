@@ -171,7 +171,7 @@ def read_gguf(path) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """
     try:
         import gguf
-    except ImportError as exc:  # pragma: no cover - gguf ships with the [gemma] extra
+    except ImportError as exc:  # pragma: no cover - gguf is in the default install
         raise InputError("reading GGUF control vectors needs `pip install gguf`") from exc
     path = Path(path)
     if not path.is_file():

@@ -365,6 +365,64 @@ class LayerwiseContext:
         return self.states.shape[0]
 
 
+def context_nbytes(ctx: FrozenContext) -> int:
+    """Bytes a frozen context holds: its keys/values (either layout), states and mask."""
+    seen: set[int] = set()
+    total = 0
+    parts = [ctx.states, ctx.mask, *ctx.keys, *ctx.values]
+    if ctx.kv is not None:
+        parts += [*ctx.kv.keys, *ctx.kv.values, *ctx.kv.allowed]
+    for t in parts:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+class ContextPool:
+    """The prompts' frozen contexts for an algorithm that passes over them many times (the
+    calibration's bisection): batches are kept while their total size fits `budget` bytes,
+    the rest are rebuilt on every pass (memory O(batch) beyond the budget, one forward per
+    batch and pass). Iterate it like `iter_contexts`."""
+
+    def __init__(
+        self,
+        model: Model,
+        prompts: PromptsLike,
+        *,
+        batch_size: int = 16,
+        engine: str = "auto",
+        budget: int = 256 * 2**20,
+    ):
+        check_model(model)
+        check_jvp_dtype(model)
+        resolve_engine(model, engine)
+        self.model, self.engine = model, engine
+        ids = tokenize(model, prompts)
+        self.batches = list(
+            iter_batches(ids, batch_size, pad=pad_id(model), device=model.cfg.device)
+        )
+        self.held: list[FrozenContext] = []
+        used = 0
+        for bt in self.batches:
+            ctx = self._build(bt)
+            used += context_nbytes(ctx)
+            if used > budget:
+                break
+            self.held.append(ctx)
+
+    def _build(self, bt) -> FrozenContext:
+        return build_context(self.model, bt.tokens, bt.lengths, bt.index, engine=self.engine)
+
+    def __iter__(self) -> Iterator[FrozenContext]:
+        yield from self.held
+        for bt in self.batches[len(self.held) :]:
+            yield self._build(bt)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def layerwise_contexts(
     model: Model, prompts: PromptsLike, *, batch_size: int = 16, engine: str = "auto"
 ) -> list[LayerwiseContext]:
@@ -428,10 +486,12 @@ def iter_contexts(
 
 __all__ = [
     "ENGINES",
+    "ContextPool",
     "FrozenContext",
     "LayerwiseContext",
     "build_context",
     "check_jvp_dtype",
+    "context_nbytes",
     "iter_contexts",
     "layerwise_contexts",
     "resolve_engine",

@@ -309,7 +309,9 @@ def bisect_multiplier(
     max_multiplier: float = 1024.0,
     max_evaluations: int = 40,
 ) -> tuple[float, float, int]:
-    """α with f(α) = target (relative `tol`), f(0) = 0: bracket [0, 1] doubling, then bisect.
+    """α with f(α) = target (relative `tol`), f(0) = 0: bracket [0, 1] doubling, then bisect
+    (a secant step where it falls well inside the bracket). The one root finder of
+    `steerlin.calibrate` and `Controller.calibrate`.
 
     Returns (α, f(α), evaluations); UnreachableTargetError if no bracket is found.
     """
@@ -350,8 +352,8 @@ def bisect_multiplier(
         a, fa = mid, fm
     if abs(fa - target) > tol * abs(target):
         raise UnreachableTargetError(
-            f"calibrate: stopped after {evals} evaluations at shift {fa:.6g} (target "
-            f"{target:g}, tol {tol:g})"
+            f"calibrate: bisection stopped after {evals} evaluations at shift {fa:.6g} "
+            f"(target {target:g}, tol {tol:g})"
         )
     return a, fa, evals
 

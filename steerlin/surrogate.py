@@ -13,7 +13,7 @@ from .backend import Model, check_model
 from .directions import ConceptDirections
 from .errors import FileFormatError, InputError, ShapeError
 from .fit_inputs import FitInputs, resolve_inputs, split_labelled
-from .frozen import iter_contexts, layerwise_contexts
+from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
 from .identify import fit_core, identity_reduce, observability_grams
 from .io import check_model_meta, load_tensors, model_meta, save_tensors
 from .readouts import Readout, make_readout
@@ -27,6 +27,8 @@ DEFAULT_BASIS: Basis = "two-sided"
 #: Default order: a real reduction on an 18-30 block model (d >= L + 1 realises the mean model
 #: exactly, docs/method.md).
 DEFAULT_D = 8
+#: bytes of full frozen contexts a two-sided fit keeps between its two passes
+DEFAULT_CONTEXT_MEMORY = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class Surrogate:
         progress: bool = False,
         distributed: bool = False,
         engine: str = "auto",
+        context_memory: int = DEFAULT_CONTEXT_MEMORY,
     ) -> Surrogate:
         """Identify the surrogate from JVPs at the operating prompts' clean trajectories.
 
@@ -171,6 +174,11 @@ class Surrogate:
                 all-reduce the statistics (see `steerlin.distributed`).
             engine: frozen-context engine for the JVPs/VJPs, "auto" (default: the fast
                 engine where it implements the model), "fast" or "tl" (`steerlin.frozen`).
+            context_memory: bytes of frozen contexts (every block's keys/values) the
+                two-sided/observable fit may keep from its observability pass for the
+                layer-major sweep (default 256 MiB: a few hundred short prompts). Batches
+                beyond it are rebuilt block by block (streamed: memory O(batch), one extra
+                forward each). 0 streams everything; results are the same either way.
 
         The fitted `Surrogate.directions` holds the directions used, for `scan_gains`,
         `exact_gains` and friends.
@@ -190,6 +198,7 @@ class Surrogate:
             progress=progress,
             distributed=distributed,
             engine=engine,
+            context_memory=context_memory,
         )[int(d)]
 
     @classmethod
@@ -232,8 +241,13 @@ class Surrogate:
         progress: bool = False,
         distributed: bool = False,
         engine: str = "auto",
+        context_memory: int = DEFAULT_CONTEXT_MEMORY,
     ) -> dict[int, Surrogate]:
         """`fit` at max(orders), one Surrogate per order (see `fit_orders`)."""
+        if not (isinstance(context_memory, int) and context_memory >= 0):
+            raise InputError(
+                f"context_memory: expected a number of bytes >= 0, got {context_memory!r}"
+            )
         d = max(orders)
         check_model(model)
         for o in orders:
@@ -275,13 +289,20 @@ class Surrogate:
         # (one forward in all over the layer-major sweep), not every block's K/V
         with torch.no_grad():  # JVPs/VJPs via torch.func only; no graph through a user's parameters
             obs_gram = None
+            held: list[FrozenContext] = []
             if basis in ("two-sided", "observable"):
-                # pass 1, streamed like the sweep: one batch's full context at a time, its
-                # backward vectors w_l(p) folded into the observability statistic, then freed
-                # (one extra forward per batch)
+                # pass 1: one batch's full context at a time, its backward vectors w_l(p)
+                # folded into the observability statistic; the first batches' contexts are
+                # kept for the sweep while they fit in `context_memory` bytes, the others are
+                # freed and rebuilt layer by layer (one extra forward for those batches only)
                 batches = iter_contexts(model, prompts, batch_size=batch_size, engine=engine)
+                batches = _keep_within(batches, held, context_memory)
                 obs_gram = observability_grams(model, batches, rd, reduce)
             contexts = layerwise_contexts(model, prompts, batch_size=batch_size, engine=engine)
+            for i, ctx in enumerate(held):  # same batching, same order: swap in the held ones
+                if not torch.equal(ctx.index.cpu(), torch.as_tensor(contexts[i].index).cpu()):
+                    raise RuntimeError("internal: held contexts do not match the sweep's batches")
+                contexts[i] = ctx
             stats = fit_core(
                 model,
                 contexts,
@@ -391,6 +412,19 @@ def _separation_meta(directions: ConceptDirections, rd: Readout) -> dict | None:
     if value is None:
         return None
     return {"value": value, "readout": rd.kind, "split": "concept", "plus": "label 1"}
+
+
+def _keep_within(batches, held: list, budget: int):
+    """Yield the contexts; append them to `held` while their total size stays within
+    `budget` bytes (the first batch that does not fit ends the keeping)."""
+    used, keeping = 0, True
+    for ctx in batches:
+        if keeping:
+            used += context_nbytes(ctx)
+            keeping = used <= budget
+            if keeping:
+                held.append(ctx)
+        yield ctx
 
 
 __all__ = ["Surrogate", "BASES", "VARIANTS", "FitInputs", "resolve_inputs", "split_labelled"]

@@ -20,10 +20,11 @@ from .backend import Model, check_model
 from .control import Controller
 from .directions import ConceptDirections
 from .errors import InputError, NonFiniteError, UnreachableTargetError
-from .frozen import iter_contexts
+from .frozen import ContextPool, iter_contexts
 from .gains import METHODS
 from .hooks import inject, resid_post_name
 from .readouts import Readout, make_readout
+from .regime import bisect_multiplier
 from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
 
 
@@ -54,9 +55,9 @@ def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
     )
 
 
-def _shift_contexts(contexts, vectors, readouts, alphas) -> torch.Tensor:
-    """Mean readout shifts [m, r] for schedule multipliers `alphas` (cached single-token path)."""
-    model = contexts[0].model
+def _shift_contexts(model, contexts, vectors, readouts, alphas) -> torch.Tensor:
+    """Mean readout shifts [m, r] for schedule multipliers `alphas` (cached single-token path;
+    `contexts`: any iterable of frozen contexts, e.g. streamed batch by batch)."""
     alphas = torch.as_tensor(alphas, dtype=model.cfg.dtype, device=model.cfg.device)
     m = alphas.shape[0]
     total = torch.zeros(m, len(readouts), dtype=torch.float64)
@@ -126,8 +127,8 @@ def measure_shift(
     rds = _schedule_readout(model, schedule, readout, label_words)
     if method == "hooks":
         return _shift_hooks(model, prompts, schedule, rds, 1.0, batch_size)
-    contexts = list(iter_contexts(model, prompts, batch_size=batch_size, engine=engine))
-    return _shift_contexts(contexts, schedule.vectors, rds, [1.0])[0]
+    contexts = iter_contexts(model, prompts, batch_size=batch_size, engine=engine)  # streamed
+    return _shift_contexts(model, contexts, schedule.vectors, rds, [1.0])[0]
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def calibrate(
     method: str = "cached",
     batch_size: int = 16,
     engine: str = "auto",
+    context_memory: int = 256 * 2**20,
 ) -> Calibration:
     """Bisection on one multiplier α of `schedule` until the full model's mean readout shift
     equals `target` (to `tol` relative): the paper's procedure.
@@ -162,7 +164,10 @@ def calibrate(
     `max_multiplier`; with no sign change there, UnreachableTargetError says how far it got.
     method="cached" evaluates on the frozen-context single-token path; "hooks" uses full
     forwards with TransformerLens hooks (for checks on a few prompts). engine: the
-    frozen-context engine of method="cached" (see `steerlin.frozen`).
+    frozen-context engine of method="cached" (see `steerlin.frozen`). context_memory: bytes
+    of frozen contexts kept across the bisection's evaluations; batches beyond it are rebuilt
+    on each evaluation (`steerlin.frozen.ContextPool`; 0: stream every batch). `prompts` may
+    be a `ContextPool` already built (method="cached"), to calibrate several schedules on it.
     """
     check_model(model)
     schedule.check_for(model)
@@ -174,47 +179,22 @@ def calibrate(
     if not schedule.layers:
         raise InputError("schedule: all amplitudes are zero; nothing to calibrate")
     rds = _schedule_readout(model, schedule, readout, label_words)[:1]
+    if isinstance(prompts, ContextPool) and method != "cached":
+        raise InputError('prompts: a ContextPool is for method="cached"; pass the prompts')
     if method == "cached":
-        contexts = list(iter_contexts(model, prompts, batch_size=batch_size, engine=engine))
-        f = lambda a: float(_shift_contexts(contexts, schedule.vectors, rds, [a])[0, 0])
+        contexts = (
+            prompts
+            if isinstance(prompts, ContextPool)
+            else ContextPool(
+                model, prompts, batch_size=batch_size, engine=engine, budget=context_memory
+            )
+        )
+        f = lambda a: float(_shift_contexts(model, contexts, schedule.vectors, rds, [a])[0, 0])
     else:
         f = lambda a: float(_shift_hooks(model, prompts, schedule, rds, a, batch_size)[0])
-    evals = 0
-    lo, f_lo = 0.0, 0.0
-    hi = 1.0
-    f_hi = f(hi)
-    evals += 1
-    best = (abs(f_hi - target), hi, f_hi)
-    while (f_hi - target) * (f_lo - target) > 0:
-        if abs(f_hi - target) <= tol * abs(target):
-            break
-        if hi >= max_multiplier or evals >= max_evaluations:
-            raise UnreachableTargetError(
-                f"calibrate: no multiplier in [0, {hi:g}] reaches the target shift {target:g}; "
-                f"the closest was {best[2]:.4g} at multiplier {best[1]:.4g} after {evals} "
-                "full-model evaluations (the full model saturates or reverses along this "
-                "schedule)"
-            )
-        lo, f_lo = hi, f_hi
-        hi *= 2
-        f_hi = f(hi)
-        evals += 1
-        best = min(best, (abs(f_hi - target), hi, f_hi))
-    a, fa = hi, f_hi
-    while abs(fa - target) > tol * abs(target) and evals < max_evaluations:
-        mid = (lo + hi) / 2
-        fm = f(mid)
-        evals += 1
-        if (fm - target) * (f_lo - target) > 0:
-            lo, f_lo = mid, fm
-        else:
-            hi, f_hi = mid, fm
-        a, fa = mid, fm
-    if abs(fa - target) > tol * abs(target):
-        raise UnreachableTargetError(
-            f"calibrate: bisection stopped after {evals} evaluations at shift {fa:.6g} "
-            f"(target {target:g}, tol {tol:g})"
-        )
+    a, fa, evals = bisect_multiplier(
+        f, target, tol=tol, max_multiplier=max_multiplier, max_evaluations=max_evaluations
+    )
     cal = schedule.scaled(a, calibrated=True, measured_shift=fa, multiplier=a)
     return Calibration(schedule=cal, multiplier=a, measured_shift=fa, evaluations=evals)
 
@@ -249,10 +229,11 @@ def compare_energy(
         else:
             plans.append((kind, ctrl.baseline(kind)))
     rows = []
+    pool = ContextPool(model, prompts, batch_size=batch_size)  # built once for every schedule
     for name, sched in plans:
         row = {"strategy": name or sched.strategy, "layers": sched.layers}
         try:
-            cal = calibrate(model, prompts, sched, target, tol=tol, batch_size=batch_size)
+            cal = calibrate(model, pool, sched, target, tol=tol, batch_size=batch_size)
             row.update(
                 energy=cal.schedule.energy,
                 raw_energy=cal.schedule.raw_energy,

@@ -354,7 +354,7 @@ def _calibrate_on(setup, response, target, **kw):
     model, prompts, sched = setup
     seen = []
 
-    def fake(contexts, vectors, readouts, alphas):
+    def fake(model, contexts, vectors, readouts, alphas):
         a = float(alphas[0])  # a Python float: no float32 rounding of the multiplier
         seen.append(a)
         return torch.tensor([[response(a)]], dtype=F64)
@@ -422,7 +422,8 @@ def test_bisection_reversing_response_is_unreachable(cal_setup):
 
 def test_bisection_budget_exhausted(cal_setup):
     with pytest.raises(UnreachableTargetError, match="bisection stopped after 5 evaluations"):
-        _calibrate_on(cal_setup, lambda a: 0.3 * a, 1.0, tol=1e-12, max_evaluations=5)
+        f = lambda a: 2 * math.tanh(0.3 * a)  # curved: no secant step lands on the root
+        _calibrate_on(cal_setup, f, 1.0, tol=1e-12, max_evaluations=5)
 
 
 def test_calibrate_argument_errors(cal_setup):

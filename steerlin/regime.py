@@ -308,10 +308,12 @@ def bisect_multiplier(
     tol: float = 1e-2,
     max_multiplier: float = 1024.0,
     max_evaluations: int = 40,
+    secant: bool = True,
 ) -> tuple[float, float, int]:
     """α with f(α) = target (relative `tol`), f(0) = 0: bracket [0, 1] doubling, then bisect
-    (a secant step where it falls well inside the bracket). The one root finder of
-    `steerlin.calibrate` and `Controller.calibrate`.
+    (with `secant`, a secant step where it falls well inside the bracket; without, plain
+    bisection: dyadic multipliers, identical across backends whose f agree to round-off).
+    The one root finder of `steerlin.calibrate` (plain) and `Controller.calibrate`.
 
     Returns (α, f(α), evaluations); UnreachableTargetError if no bracket is found.
     """
@@ -339,7 +341,7 @@ def bisect_multiplier(
     while abs(fa - target) > tol * abs(target) and evals < max_evaluations:
         # secant step inside the bracket when it is well inside, else bisection
         mid = (lo + hi) / 2
-        if f_hi != f_lo:
+        if secant and f_hi != f_lo:
             sec = lo + (target - f_lo) * (hi - lo) / (f_hi - f_lo)
             if lo + 0.05 * (hi - lo) < sec < hi - 0.05 * (hi - lo):
                 mid = sec

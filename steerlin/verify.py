@@ -193,7 +193,12 @@ def calibrate(
     else:
         f = lambda a: float(_shift_hooks(model, prompts, schedule, rds, a, batch_size)[0])
     a, fa, evals = bisect_multiplier(
-        f, target, tol=tol, max_multiplier=max_multiplier, max_evaluations=max_evaluations
+        f,
+        target,
+        tol=tol,
+        max_multiplier=max_multiplier,
+        max_evaluations=max_evaluations,
+        secant=False,
     )
     cal = schedule.scaled(a, calibrated=True, measured_shift=fa, multiplier=a)
     return Calibration(schedule=cal, multiplier=a, measured_shift=fa, evaluations=evals)

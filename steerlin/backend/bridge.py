@@ -35,7 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from ..errors import ModelLoadError, SteerlinError
 from . import Backend, KVContext
-from .common import context_mask
+from .common import block_pre_hooks, context_mask
 
 
 class UnsupportedArchitectureError(SteerlinError, NotImplementedError):
@@ -378,16 +378,8 @@ class BridgeBackend(Backend):
 
             return pre_hook
 
-        handles = []
-        try:
-            for layer in layers:
-                handles.append(
-                    model.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
-                )
+        with block_pre_hooks(model, layers, make):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def count_hooks(self, model: TransformerBridge) -> int:
         """Live hooks on the distinct hook points (aliases counted once) plus block pre-hooks."""

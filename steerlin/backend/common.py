@@ -4,6 +4,8 @@ mask, and the error for a model no backend accepts."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -58,4 +60,20 @@ def reject(model: Any) -> ModelTypeError:
     return ModelTypeError(f"model: expected {want}, got {kind}{hint}")
 
 
-__all__ = ["context_mask", "reject", "tl_major"]
+@contextmanager
+def block_pre_hooks(model: Any, layers: Sequence[int], make: Callable[[int], Callable]) -> Iterator:
+    """Forward pre-hooks `make(layer)` (with kwargs) on `model.blocks[layer]`, removed on exit
+    and on any exception (the backends' position probes)."""
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(
+                model.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
+            )
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+__all__ = ["block_pre_hooks", "context_mask", "reject", "tl_major"]

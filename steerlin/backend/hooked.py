@@ -22,6 +22,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from . import Backend, KVContext
+from .common import block_pre_hooks
 
 
 class HookedBackend(Backend):
@@ -140,16 +141,8 @@ class HookedBackend(Backend):
 
             return pre_hook
 
-        handles = []
-        try:
-            for layer in layers:
-                handles.append(
-                    model.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
-                )
+        with block_pre_hooks(model, layers, make):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def count_hooks(self, model: HookedTransformer) -> int:
         total = sum(len(b._forward_pre_hooks) for b in model.blocks)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ import torch
 
 from .. import backend
 from ..backend.common import tl_major
-from ..errors import FileFormatError, InputError, ModelTypeError
-from .cache import _read_cache, _write_cache
+from ..errors import InputError, ModelTypeError
+from .cache import _read_cache, _write_cache, read_or_none
 from .common import DEFAULT_MODEL, _check_dtype, _finalize, _unembed_layout
 from .gguf import _OFFLINE, _convert, _OfflineModel
 from .hub import _load_from_hub
@@ -95,16 +94,9 @@ def load_model(
 
 def _load_offline(spec: _OfflineModel, device: str, dtype: torch.dtype, folder: Path) -> Any:
     """Load `spec` from its cache folder; (re)build the cache first if absent or damaged."""
-    if folder.exists():
-        try:
-            return _read_cache(folder, spec, device, dtype)
-        except FileFormatError as exc:
-            warnings.warn(
-                f"steerlin cache {folder} is damaged or stale ({exc}); rebuilding it from the "
-                f"GGUF (one-time, {spec.eta})",
-                UserWarning,
-                stacklevel=3,
-            )
+    model = read_or_none(folder, spec, lambda: _read_cache(folder, spec, device, dtype))
+    if model is not None:
+        return model
     model = _convert(spec)
     _write_cache(model, spec, folder)
     if dtype == torch.float32 and str(device) == "cpu":

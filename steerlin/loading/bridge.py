@@ -10,9 +10,7 @@ written last and checked on every load (format, model, GGUF source, weights size
 from __future__ import annotations
 
 import gc
-import json
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,8 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import FileFormatError
-from ..report import read_json, versions
-from .cache import _sha256, _swap_in
+from ..report import read_json
+from .cache import _sha256, read_or_none, write_staged
 from .common import _first_line, _read_tokenizer, _say
 from .gguf import _hf_from_gguf, _OfflineModel, _sanity_check, _source_id
 
@@ -53,36 +51,22 @@ def boot(hf_model: Any, tokenizer: Any, hub_id: str, device: str, dtype: torch.d
 
 
 def write_bridge_cache(hf_model: Any, tokenizer: Any, spec: _OfflineModel, folder: Path) -> None:
-    """Hugging Face weights + config, tokenizer, then the meta file (temp dir renamed into
-    place). A failure to write is a warning: the model still loads."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)
+    """Hugging Face weights + config, tokenizer, then the meta file (`write_staged`). A
+    failure to write is a warning: the model still loads."""
+
+    def fill(tmp: Path) -> dict:
         hf_model.save_pretrained(str(tmp / _HF), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp / _TOKENIZER))
         weights = tmp / _HF / _WEIGHTS
-        meta = {
+        return {
             "format": BRIDGE_CACHE_FORMAT,
             "model": spec.key,
             "hub_id": spec.hub_id,
             "dtype": "float32",
             "weights": {"size": weights.stat().st_size, "sha256": _sha256(weights)},
-            "source": _source_id(spec),
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / _META).write_text(json.dumps(meta, indent=1))  # last: marks the cache complete
-        _swap_in(tmp, folder)
-    except Exception as exc:  # disk full, read-only, ...
-        warnings.warn(
-            f"could not write the steerlin cache {folder} ({type(exc).__name__}: {exc}); the "
-            f"next load will convert again",
-            UserWarning,
-            stacklevel=4,
-        )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_staged(folder, spec, fill)
 
 
 def read_bridge_cache(folder: Path, spec: _OfflineModel, device: str, dtype: torch.dtype) -> Any:
@@ -123,16 +107,9 @@ def read_bridge_cache(folder: Path, spec: _OfflineModel, device: str, dtype: tor
 def load_offline_bridge(spec: _OfflineModel, device: str, dtype: torch.dtype, root: Path) -> Any:
     """`spec` as a TransformerBridge from its cache; (re)build the cache first if needed."""
     folder = bridge_folder(root, spec)
-    if folder.exists():
-        try:
-            return read_bridge_cache(folder, spec, device, dtype)
-        except FileFormatError as exc:
-            warnings.warn(
-                f"steerlin cache {folder} is damaged or stale ({exc}); rebuilding it from the "
-                f"GGUF (one-time, {spec.eta})",
-                UserWarning,
-                stacklevel=3,
-            )
+    model = read_or_none(folder, spec, lambda: read_bridge_cache(folder, spec, device, dtype))
+    if model is not None:
+        return model
     _say(f"converting {spec.title} GGUF to fp32 for TransformerLens 4 (one-time, {spec.eta})...")
     start = time.perf_counter()
     hf_model, tokenizer = _hf_from_gguf(spec)

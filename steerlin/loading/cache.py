@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,43 +46,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_cache(model: HookedTransformer, spec: _OfflineModel, folder: Path) -> None:
-    """Write weights, config, tokenizer, then the meta file, into a temp dir renamed into place.
-
-    Only parameters are stored: buffers (rotary tables, masks) are rebuilt from the config in
-    the requested dtype. A failure to write is a warning, not an error: the model still loads.
-    """
-    from safetensors.torch import save_file
-
+def write_staged(folder: Path, spec: _OfflineModel, fill: Callable[[Path], dict]) -> None:
+    """Write a cache folder atomically: `fill(tmp)` writes the files into a temp dir beside
+    `folder` and returns its part of the meta; the meta file (with the GGUF source, versions
+    and date) is written last, marking the cache complete, and the temp dir is renamed into
+    place. A failure to write is a warning, not an error: the model still loads."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a cache may be shared (STEERLIN_CACHE)
-        tensors, seen = {}, set()
-        for key, param in model.named_parameters():
-            t = param.detach().to("cpu", torch.float32)
-            if not t.is_contiguous() or t.data_ptr() in seen:
-                t = t.contiguous().clone()
-            seen.add(t.data_ptr())
-            tensors[key] = t
-        save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
-        (tmp / _WEIGHTS).chmod(0o644)
-        del tensors
-        (tmp / _CONFIG).write_text(json.dumps(_cfg_to_json(model.cfg), indent=1))
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp / _TOKENIZER))
-        meta = {
-            "format": CACHE_FORMAT,
-            "model": spec.key,
-            "hub_id": spec.hub_id,
-            "dtype": "float32",
-            "tokenizer": model.tokenizer is not None,
-            "weights": {
-                "file": _WEIGHTS,
-                "size": (tmp / _WEIGHTS).stat().st_size,
-                "sha256": _sha256(tmp / _WEIGHTS),
-            },
-            "config_sha256": _sha256(tmp / _CONFIG),
+        meta = fill(tmp) | {
             "source": _source_id(spec),
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -97,6 +71,62 @@ def _write_cache(model: HookedTransformer, spec: _OfflineModel, folder: Path) ->
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
+
+
+def read_or_none(folder: Path, spec: _OfflineModel, read: Callable[[], Any]) -> Any:
+    """`read()` the cache folder if it exists; None (with a warning saying why it will be
+    rebuilt) if it is absent, damaged or stale."""
+    if not folder.exists():
+        return None
+    try:
+        return read()
+    except FileFormatError as exc:
+        warnings.warn(
+            f"steerlin cache {folder} is damaged or stale ({exc}); rebuilding it from the "
+            f"GGUF (one-time, {spec.eta})",
+            UserWarning,
+            stacklevel=4,
+        )
+        return None
+
+
+def _write_cache(model: HookedTransformer, spec: _OfflineModel, folder: Path) -> None:
+    """Weights, config, tokenizer, then the meta file (`write_staged`).
+
+    Only parameters are stored: buffers (rotary tables, masks) are rebuilt from the config in
+    the requested dtype. A failure to write is a warning, not an error: the model still loads.
+    """
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> dict:
+        tensors, seen = {}, set()
+        for key, param in model.named_parameters():
+            t = param.detach().to("cpu", torch.float32)
+            if not t.is_contiguous() or t.data_ptr() in seen:
+                t = t.contiguous().clone()
+            seen.add(t.data_ptr())
+            tensors[key] = t
+        save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        (tmp / _WEIGHTS).chmod(0o644)
+        del tensors
+        (tmp / _CONFIG).write_text(json.dumps(_cfg_to_json(model.cfg), indent=1))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp / _TOKENIZER))
+        return {
+            "format": CACHE_FORMAT,
+            "model": spec.key,
+            "hub_id": spec.hub_id,
+            "dtype": "float32",
+            "tokenizer": model.tokenizer is not None,
+            "weights": {
+                "file": _WEIGHTS,
+                "size": (tmp / _WEIGHTS).stat().st_size,
+                "sha256": _sha256(tmp / _WEIGHTS),
+            },
+            "config_sha256": _sha256(tmp / _CONFIG),
+        }
+
+    write_staged(folder, spec, fill)
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:

@@ -35,7 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from ..errors import ModelLoadError, SteerlinError
 from . import Backend, KVContext
-from .common import block_pre_hooks, context_mask
+from .common import block_pre_hooks, context_mask, greedy_generate
 
 
 class UnsupportedArchitectureError(SteerlinError, NotImplementedError):
@@ -400,15 +400,7 @@ class BridgeBackend(Backend):
             return [
                 t for p in prompts for t in self.generate(model, [p], max_new_tokens=max_new_tokens)
             ]
-        texts = model.generate(
-            list(prompts),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            verbose=False,
-            use_past_kv_cache=True,
-            padding_side="left",
-        )
-        return [texts] if isinstance(texts, str) else list(texts)
+        return greedy_generate(model, prompts, max_new_tokens, tokens=False)
 
     def generate_tokens(
         self, model: TransformerBridge, prompts: Sequence[str], *, max_new_tokens: int
@@ -421,16 +413,7 @@ class BridgeBackend(Backend):
             width = max(len(r) for r in rows)
             pad = model.tokenizer.pad_token_id or 0
             return torch.stack([torch.cat([r.new_full((width - len(r),), pad), r]) for r in rows])
-        return model.generate(
-            list(prompts),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stop_at_eos=False,
-            verbose=False,
-            use_past_kv_cache=True,
-            padding_side="left",
-            return_type="tokens",
-        )
+        return greedy_generate(model, prompts, max_new_tokens, tokens=True)
 
 
 def _pads_in_float64(model: TransformerBridge, prompts: Sequence[str]) -> bool:

@@ -76,4 +76,21 @@ def block_pre_hooks(model: Any, layers: Sequence[int], make: Callable[[int], Cal
             h.remove()
 
 
-__all__ = ["block_pre_hooks", "context_mask", "reject", "tl_major"]
+def greedy_generate(model: Any, prompts: Sequence[str], max_new_tokens: int, *, tokens: bool):
+    """TransformerLens's own greedy generation with its KV cache, left-padded batches (both
+    lines take the same arguments): texts, or with `tokens` the ids [b, T + new] (no stop at
+    EOS, so every row has the same length)."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        verbose=False,
+        use_past_kv_cache=True,
+        padding_side="left",
+    )
+    if tokens:
+        return model.generate(list(prompts), stop_at_eos=False, return_type="tokens", **kwargs)
+    texts = model.generate(list(prompts), **kwargs)
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+__all__ = ["block_pre_hooks", "greedy_generate", "context_mask", "reject", "tl_major"]

@@ -22,7 +22,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from . import Backend, KVContext
-from .common import block_pre_hooks
+from .common import block_pre_hooks, context_mask, greedy_generate
 
 
 class HookedBackend(Backend):
@@ -154,29 +154,12 @@ class HookedBackend(Backend):
     def generate(
         self, model: HookedTransformer, prompts: Sequence[str], *, max_new_tokens: int
     ) -> list[str]:
-        texts = model.generate(
-            list(prompts),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            verbose=False,
-            use_past_kv_cache=True,
-            padding_side="left",
-        )
-        return [texts] if isinstance(texts, str) else list(texts)
+        return greedy_generate(model, prompts, max_new_tokens, tokens=False)
 
     def generate_tokens(
         self, model: HookedTransformer, prompts: Sequence[str], *, max_new_tokens: int
     ) -> torch.Tensor:
-        return model.generate(
-            list(prompts),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stop_at_eos=False,
-            verbose=False,
-            use_past_kv_cache=True,
-            padding_side="left",
-            return_type="tokens",
-        )
+        return greedy_generate(model, prompts, max_new_tokens, tokens=True)
 
 
 def _alignment(T: int, lengths: torch.Tensor):
@@ -184,13 +167,12 @@ def _alignment(T: int, lengths: torch.Tensor):
     token sits at index T: TransformerLens measures causal and sliding-window distances in
     cache indices, which then equal true token distances for every prompt of the batch.
     Returns (align: cached [b, T, ...] -> aligned, mask Int[b, T+1])."""
-    b = lengths.shape[0]
     dev = lengths.device
     shift = T - (lengths - 1)  # [b] context of length len-1 -> indices shift..T-1
     pos = torch.arange(T, device=dev)
     src = (pos[None, :] - shift[:, None]).clamp_min(0)  # [b, T]
-    ctx_mask = (pos[None, :] >= shift[:, None]).long()
-    mask = torch.cat([ctx_mask, torch.ones(b, 1, dtype=torch.long, device=dev)], dim=1)
+    mask = context_mask(T, lengths)
+    ctx_mask = mask[:, :T]
 
     def align(t: torch.Tensor) -> torch.Tensor:
         idx = src[:, :, None, None].expand(-1, -1, *t.shape[2:])

@@ -16,6 +16,7 @@ from .hooks import inject
 from .loading import load_model
 from .metrics import Fidelity, fidelity
 from .readouts import Readout
+from .steer_eval import neutral_stems
 from .surrogate import Surrogate
 from .trajectory import Trajectory, capture
 from .verify import Calibration, calibrate, compare_energy, measure_shift
@@ -52,5 +53,6 @@ __all__ = [
     "load_model",
     "load_task",
     "measure_shift",
+    "neutral_stems",
     "scan_gains",
 ]

@@ -286,7 +286,8 @@ def summarise(result: dict) -> list[dict]:
             judge_plus=float(np.mean(plus["judge"])),
             judge_minus=float(np.mean(minus["judge"])),
             delta=float(d.mean()),
-            delta_sd=float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            delta_sd=float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
+            n_seeds=len(d),
             delta_seeds=d.tolist(),
             readout_delta=float(dr.mean()),
             ppl_plus=float(rp.mean()),
@@ -305,8 +306,10 @@ def summarise(result: dict) -> list[dict]:
 
 def format_table(summary: list[dict], judge: str) -> str:
     """Markdown table of `summarise` rows."""
+    seeds = sorted({r["n_seeds"] for r in summary if "n_seeds" in r}) or [0]
     head = (
-        f"| strategy | t (sep.) | {judge} + | {judge} − | Δ(+,−) ± sd (3 seeds) | own readout Δ "
+        f"| strategy | t (sep.) | {judge} + | {judge} − | Δ(+,−) ± sd "
+        f"({'/'.join(map(str, seeds))} seeds) | own readout Δ "
         "| ppl ratio + / − | KL (nats/token) | Σu² | raw Σ‖u b‖² | ½uᵀFu |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|"
     )
@@ -317,11 +320,16 @@ def format_table(summary: list[dict], judge: str) -> str:
             continue
         lines.append(
             f"| {r['strategy']} | {r['t']:g} | {r['judge_plus']:+.3f} | {r['judge_minus']:+.3f} "
-            f"| {r['delta']:+.3f} ± {r['delta_sd']:.3f} | {r['readout_delta']:+.2f} "
+            f"| {r['delta']:+.3f}{_sd(r['delta_sd'])} | {r['readout_delta']:+.2f} "
             f"| {r['ppl_plus']:.2f} / {r['ppl_minus']:.2f} | {r['kl']:.3f} "
             f"| {r['energy_norm']:.3g} | {r['energy_raw']:.3g} | {r['kl_pred']:.3g} |"
         )
     return "\n".join(lines)
+
+
+def _sd(sd: float) -> str:
+    """ " ± sd", or nothing for a single seed (no spread measured)."""
+    return "" if math.isnan(sd) else f" ± {sd:.3f}"
 
 
 def plot_tradeoff(summary: list[dict], path, *, judge: str, title: str = "") -> None:
@@ -341,7 +349,13 @@ def plot_tradeoff(summary: list[dict], path, *, judge: str, title: str = "") -> 
             x = [r[key] for r in rs]
             y = [r["delta"] for r in rs]
             ax.errorbar(
-                x, y, yerr=[r["delta_sd"] for r in rs], marker="o", ms=4, capsize=2, label=name
+                x,
+                y,
+                yerr=[np.nan_to_num(r["delta_sd"]) for r in rs],
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=name,
             )
             for r, xi, yi in zip(rs, x, y, strict=True):
                 ax.annotate(

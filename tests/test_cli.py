@@ -17,7 +17,17 @@ from steerlin.control import Schedule
 from steerlin.directions import ConceptDirections
 from steerlin.surrogate import Surrogate
 
-SUBCOMMANDS = ["demo", "fit", "scan", "control", "generate", "reproduce", "scaling", "ablate"]
+SUBCOMMANDS = [
+    "demo",
+    "fit",
+    "scan",
+    "control",
+    "generate",
+    "reproduce",
+    "scaling",
+    "ablate",
+    "steer-eval",
+]
 GLOBAL_OPTIONS = [
     "--model",
     "--threads",
@@ -304,3 +314,71 @@ def test_gemma_fit_scan_control_generate(gemma, monkeypatch, tmp_path, capsys):
         assert gen[0]["prompt"] == "The movie was" and gen[0]["unsteered"]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_steer_eval_summary_and_table():
+    """Δ(+,−), perplexity ratios and seeds from raw rows (no model): what the table reports."""
+    from steerlin.steer_eval import format_table, summarise
+
+    base = {"strategy": "unsteered", "t": 0.0, "ppl": [2.0, 4.0]}
+    row = lambda t, j, p: {
+        "strategy": "min-norm",
+        "t": t,
+        "judge": j,
+        "readout": [t, t],
+        "ppl": p,
+        "kl": [0.1, 0.3],
+        "energy_norm": 1.0,
+        "energy_raw": 2.0,
+        "kl_pred": 0.05,
+        "multiplier": 1.0,
+    }
+    res = {"rows": [base, row(1.0, [0.5, 0.7], [2.2, 4.0]), row(-1.0, [-0.1, 0.1], [3.0, 4.4])]}
+    (s,) = summarise(res)
+    assert s["delta"] == pytest.approx(0.6) and s["delta_sd"] == pytest.approx(0.0, abs=1e-12)
+    assert s["ppl_plus"] == pytest.approx((1.1 + 1.0) / 2)
+    assert s["ppl_minus"] == pytest.approx((1.5 + 1.1) / 2)
+    assert s["kl"] == pytest.approx(0.2) and s["n_seeds"] == 2
+    table = format_table([s], "vader")
+    assert "(2 seeds)" in table and "+0.600 ± 0.000" in table
+    one = summarise(
+        {
+            "rows": [
+                {**base, "ppl": [2.0]},
+                *(
+                    {**r, "judge": r["judge"][:1], "readout": r["readout"][:1], "ppl": r["ppl"][:1]}
+                    for r in res["rows"][1:]
+                ),
+            ]
+        }
+    )
+    table1 = format_table(one, "vader")
+    assert "(1 seeds)" in table1 and "| +0.600 | +2.00 |" in table1  # no spread from one seed
+
+
+@pytest.mark.gemma
+def test_gemma_steer_eval_quick(gemma, monkeypatch, tmp_path):
+    """`steerlin steer-eval --quick` on SST-2: calibrated min-norm and min-KL schedules, judged
+    by VADER, with perplexity and KL beside them; + steers VADER above − for min-norm."""
+    pytest.importorskip("vaderSentiment")
+    from conftest import require_shared_data
+
+    data = require_shared_data()
+    monkeypatch.setattr(cli, "resolve_model", lambda name, **kw: gemma)
+    threads = torch.get_num_threads()
+    out = tmp_path / "se"
+    try:
+        argv = ["steer-eval", "--quick", "--tasks", "sst2", "--data-dir", str(data)]
+        assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((out / "steer_eval.json").read_text())["tasks"]["sst2"]
+    rows = {(r["strategy"], r["t"]): r for r in res["rows"]}
+    assert {("min-norm", 1.0), ("min-norm", -1.0), ("min-kl", 1.0), ("min-kl", -1.0)} <= set(rows)
+    plus, minus = rows[("min-norm", 1.0)], rows[("min-norm", -1.0)]
+    assert sum(plus["judge"]) > sum(minus["judge"])  # the intended direction, judged outside
+    for r in (plus, minus):
+        assert all(p > 1.0 for p in r["ppl"]) and all(k > 0 for k in r["kl"])
+        assert abs(r["multiplier"]) > 0
+    assert "| min-norm | 1 |" in (out / "results.md").read_text()
+    assert (out / "steer_eval_sst2_quick.png").stat().st_size > 1000

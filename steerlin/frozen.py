@@ -306,9 +306,9 @@ class LayerwiseContext:
         self._ctx: FrozenContext | None = None
 
     def _goto(self, layer: int) -> FrozenContext:
-        if layer == self._layer:
+        if layer == self._layer and self._ctx is not None:
             return self._ctx
-        if layer < self._layer or self._resid is None:
+        if layer <= self._layer or self._resid is None:
             self._resid = self.engine.embed(self.model, self.tokens)
             self._layer = -1
             self.states[:, 0] = self._resid[self._rows, self._last]
@@ -351,6 +351,13 @@ class LayerwiseContext:
 
     def vjp(self, layer: int, cotangents):
         return self._goto(layer).vjp(layer, cotangents)
+
+    def done_with(self, layer: int) -> None:
+        """The caller is done with block `layer`: free its K/V now (the residual that feeds
+        the next block stays), so a layer-major sweep holds one block's K/V per batch only
+        while it is used. Asking for `layer` again rebuilds it from the embedding."""
+        if layer == self._layer and self._ctx is not None:
+            self._ctx = None
 
     def release(self) -> None:
         """Drop the residual and K/V (the last-token states stay)."""

@@ -73,6 +73,8 @@ def fit_core(
             # float64 for the reduced algebra (small, d x H per prompt)
             tang = Pl.T.to(ctx.states.device, ctx.states.dtype)[None].expand(len(ctx), d, H)
             Y = ctx.jvp(layer, tang).to("cpu", f64)  # [b, d, H]: rows are A_l(p) P_l[:, j]
+            if isinstance(ctx, LayerwiseContext):
+                ctx.done_with(layer)  # streamed: this block's K/V are not needed again
             Ys.append(Y)
             sum_Y += Y.sum(0)
         gram = None

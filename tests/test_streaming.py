@@ -128,3 +128,17 @@ def test_calibrate_streamed_equals_held(tiny):
     )
     assert held.multiplier == streamed.multiplier
     assert held.measured_shift == pytest.approx(streamed.measured_shift, rel=1e-12)
+
+
+def test_done_with_frees_the_block_and_the_sweep_goes_on(tiny):
+    prompts = random_prompts(tiny, 5, 3, 10, seed=6)
+    (f,) = list(iter_contexts(tiny, prompts, batch_size=8))
+    (z,) = layerwise_contexts(tiny, prompts, batch_size=8)
+    t = torch.randn(len(f), 2, tiny.cfg.d_model, dtype=tiny.cfg.dtype)
+    for layer in range(tiny.cfg.n_layers):
+        torch.testing.assert_close(z.jvp(layer, t), f.jvp(layer, t), rtol=0, atol=1e-12)
+        z.done_with(layer)
+        assert z._ctx is None and z._resid is not None  # K/V freed, next block's input kept
+    # asking for a freed block again rebuilds it from the embedding: same numbers
+    torch.testing.assert_close(z.jvp(1, t), f.jvp(1, t), rtol=0, atol=1e-12)
+    torch.testing.assert_close(z.states, f.states, rtol=0, atol=1e-12)

@@ -107,9 +107,17 @@ def work(kind: str, L: int, padded: int, n: int, d: int = 0) -> int:
         return ctx + 3 * n * L
     if kind == "fit":
         return ctx + n * L * (d + 1)
-    if kind == "fit two-sided":
+    if kind == "fit two-sided":  # observability pass + the sweep's own forward
         return 2 * ctx + n * L * (d + 4)
     raise ValueError(kind)
+
+
+def work_two_sided(L: int, padded: int, n: int, d: int, held: int) -> int:
+    """`fit two-sided` when `held` of the n prompts kept their full contexts from the
+    observability pass (no second forward for them): the context forward counted once for
+    those, twice for the rest (padding shared pro rata)."""
+    ctx = L * padded
+    return ctx + round(ctx * (n - held) / n) + n * L * (d + 4)
 
 
 # ------------------------------------------------------------------------------ timing
@@ -204,18 +212,27 @@ def measure_set(model, label, prompts, dirs, args, res, sub_n: int, hooks_n: int
     if "fit" in want:
         other = "krylov" if DEFAULT_BASIS != "krylov" else "two-sided"
         Surrogate.fit(model, warm, dirs, d=4, batch_size=bs)
-        for basis, d in ((DEFAULT_BASIS, 8), (other, 8), (DEFAULT_BASIS, 32)):
-            kind = "fit two-sided" if basis in ("two-sided", "observable") else "fit"
+        plans = [(DEFAULT_BASIS, 8, None), (other, 8, None), (DEFAULT_BASIS, 32, None)]
+        if DEFAULT_BASIS in ("two-sided", "observable"):
+            plans.insert(1, (DEFAULT_BASIS, 8, 0))  # streamed throughout: the memory floor
+        for basis, d, budget in plans:
+            kw = {} if budget is None else {"context_memory": budget}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _, t, cpu = timed(
-                    lambda b=basis, d=d: Surrogate.fit(
-                        model, prompts, dirs, d=d, basis=b, batch_size=bs
+                sur, t, cpu = timed(
+                    lambda b=basis, d=d, kw=kw: Surrogate.fit(
+                        model, prompts, dirs, d=d, basis=b, batch_size=bs, **kw
                     ),
                     dev,
                 )
-            tag = " (default)" if basis == DEFAULT_BASIS else ""
-            row = step_row(f"fit d={d} {basis}{tag}", t, cpu, work(kind, L, P, n, d), u)
+            if basis in ("two-sided", "observable"):
+                held = int(sur.meta["held_prompts"])
+                w = work_two_sided(L, P, n, d, held)
+            else:
+                held, w = 0, work("fit", L, P, n, d)
+            tag = " (default)" if basis == DEFAULT_BASIS and budget is None else ""
+            tag += " streamed (context_memory=0)" if budget == 0 else ""
+            row = step_row(f"fit d={d} {basis}{tag}", t, cpu, w, u, held_prompts=held)
             if "exact" in want:
                 row["over_exact"] = t / t_ex
                 row["over_exact_cpu"] = cpu / cpu_ex
@@ -588,6 +605,7 @@ def report(res: dict, args) -> None:
                     "bound_fraction_cpu",
                     "over_exact",
                     "over_exact_cpu",
+                    "held_prompts",
                 ],
             )
         )

@@ -331,6 +331,9 @@ class Surrogate:
                 "inputs": inputs.how,
                 "n_concept": 0 if inputs.concept is None else len(inputs.concept),
                 "directions_source": directions.meta.get("source", "class means"),
+                # prompts whose full contexts the two-sided pass kept for the sweep (no second
+                # forward for them; `context_memory`)
+                "held_prompts": sum(len(c) for c in held),
                 # target units: one class separation of this readout on the concept split
                 "separation": _separation_meta(directions, rd),
                 "label_names": list(directions.meta.get("label_names", ["label 0", "label 1"])),

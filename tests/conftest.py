@@ -260,3 +260,22 @@ def no_hooks_left_behind():
     for m in _MODELS:
         m.reset_hooks(including_permanent=True)
     assert not leaks, f"hooks left on models: {leaks}"
+
+
+def greedy_continuations(model, prompts, n):
+    """Unsteered greedy continuations of token-id prompts (one at a time, no tokenizer), as the
+    `steerlin.regime.Continuations` the regime functions take."""
+    from steerlin.regime import Continuations
+
+    new = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=n,
+                do_sample=False,
+                stop_at_eos=False,
+                verbose=False,
+            )
+        new.append(out[0, len(p) :])
+    return Continuations(None, [list(p) for p in prompts], torch.stack(new), [""] * len(prompts))

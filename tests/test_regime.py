@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_continuations as _cont
 from conftest import random_prompts
 
 from steerlin import ConceptDirections, Controller, Surrogate
@@ -26,22 +27,6 @@ def _setup(model):
     ops = random_prompts(model, 6, 3, 10, seed=5)
     sur = Surrogate.fit(model, ops, dirs, d=4)
     return dirs, ops, sur
-
-
-def _cont(model, prompts, n):
-    """Unsteered greedy continuations of token-id prompts (one at a time, no tokenizer)."""
-    new = []
-    for p in prompts:
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([p]),
-                max_new_tokens=n,
-                do_sample=False,
-                stop_at_eos=False,
-                verbose=False,
-            )
-        new.append(out[0, len(p) :])
-    return Continuations(None, [list(p) for p in prompts], torch.stack(new), [""] * len(prompts))
 
 
 @pytest.mark.parametrize("cache", [True, False])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_continuations as _cont
 from conftest import random_prompts
 
 from steerlin import ConceptDirections, Controller, Surrogate
@@ -12,7 +13,7 @@ from steerlin.energy import Metric, make_metric
 from steerlin.errors import InputError
 from steerlin.fisher import kl_metric
 from steerlin.readouts import make_readout
-from steerlin.regime import Continuations, measure_regime_shift
+from steerlin.regime import measure_regime_shift
 
 F64 = torch.float64
 
@@ -115,21 +116,6 @@ def test_metric_kl_by_name(fitted):
     with pytest.raises(InputError, match="metric"):
         Controller(sur, 1.0, metric="manhattan")
     assert isinstance(Controller(sur, 1.0, metric=torch.eye(sur.n_layers)).metric, Metric)
-
-
-def _cont(model, prompts, n):
-    new = []
-    for p in prompts:
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([p]),
-                max_new_tokens=n,
-                do_sample=False,
-                stop_at_eos=False,
-                verbose=False,
-            )
-        new.append(out[0, len(p) :])
-    return Continuations(None, [list(p) for p in prompts], torch.stack(new), [""] * len(prompts))
 
 
 def test_recommend(fitted):

@@ -49,15 +49,26 @@ def run(args) -> dict:
         C.say(f"{name}: {wall:.1f} s")
         return res
 
-    step("capture", lambda: capture(model, pos + neg))
+    f64 = lambda t: torch.as_tensor(t).detach().to(torch.float64).cpu().tolist()  # noqa: E731
+    states = step("capture", lambda: capture(model, pos + neg))
     dirs = step("directions", lambda: ConceptDirections.fit(model, pos + neg, [1] * n + [0] * n))
     sur = step("Surrogate.fit d=8", lambda: Surrogate.fit(model, ops, dirs, d=8))
-    step("exact_gains", lambda: exact_gains(model, ops, dirs))
-    step("scan_gains", lambda: scan_gains(model, ops[: max(2, n // 2)], dirs))
+    exact = step("exact_gains", lambda: exact_gains(model, ops, dirs))
+    scan = step("scan_gains", lambda: scan_gains(model, ops[: max(2, n // 2)], dirs))
     ctrl = Controller(sur, 1.0)
-    step("calibrate", lambda: calibrate(model, ops[:2], ctrl.schedule, float(ctrl.target[0])))
-    step("generate steered 4x10", lambda: generate(model, ops[:4], 10, ctrl))
+    cal = step("calibrate", lambda: calibrate(model, ops[:2], ctrl.schedule, float(ctrl.target[0])))
+    gen = step("generate steered 4x10", lambda: generate(model, ops[:4], 10, ctrl))
     out["rows"] = rows
+    # the numbers, for the cross-backend agreement (--compare)
+    out["values"] = {
+        "capture": f64(states.states),
+        "directions": f64(dirs.unit),
+        "surrogate_gains": f64(sur.gains),
+        "exact_gains": f64(exact),
+        "scan_gains": f64(scan),
+        "calibrate_multiplier": float(cal.multiplier),
+        "generate_steered": gen.new_ids.tolist(),
+    }
     out["backend"] = get(model).name
     out["n"] = n
     return out
@@ -85,6 +96,26 @@ def compare() -> None:
             }
         )
     print(C.table(rows))
+    vals = [docs[leg].get("values") for leg in ("tl3", "tl4")]
+    if all(vals):
+        agree = []
+        for key, ref in vals[0].items():
+            got = vals[1].get(key)
+            if key == "generate_steered":
+                same = sum(
+                    a == b
+                    for ra, rb in zip(ref, got, strict=True)
+                    for a, b in zip(ra, rb, strict=True)
+                )
+                total = sum(len(r) for r in ref)
+                agree.append({"quantity": key, "agreement": f"{same}/{total} tokens identical"})
+                continue
+            a = torch.tensor(got, dtype=torch.float64)
+            b = torch.tensor(ref, dtype=torch.float64)
+            err = float((a - b).abs().max() / b.abs().max())
+            agree.append({"quantity": key, "agreement": f"{err:.1e} of the largest |value|"})
+        print("\nTL4 vs TL3 on the same Gemma-3-270m weights:")
+        print(C.table(agree))
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import torch
 from conftest import make_gemma_like, random_prompts
 
 from steerlin.backend import fast
+from steerlin.directions import ConceptDirections
 from steerlin.frozen import iter_contexts
 
 
@@ -385,3 +386,27 @@ def test_gemma_sliding_window_block_equals_tl(gemma):
         worst = max(worst, _rel(fast.block_many(gemma, kv, layer, z), _ref_many(ctx, layer, z)))
     print(f"gemma (> window) max relative error vs TL: {worst:.2e}")
     assert worst < 2e-5, worst
+
+
+@pytest.mark.parametrize("name", ["gpt2_like", "gemma_like"])
+def test_observability_backward_equals_the_vjp_recursion(name, request):
+    """The two-sided basis' statistic from one backward pass per batch equals the per-layer
+    recursion w_l = A_lᵀ w_{l+1} through `FrozenContext.vjp` (float64 tiny models)."""
+    from steerlin.identify import identity_reduce, observability_grams
+    from steerlin.readouts import make_readout
+
+    model = request.getfixturevalue(name)
+    L, H = model.cfg.n_layers, model.cfg.d_model
+    prompts = random_prompts(model, 6, 3, 12, seed=11)
+    dirs = ConceptDirections.fit(model, random_prompts(model, 8, seed=2), [0, 1] * 4)
+    rd = make_readout(model, "concept", dirs.unit[-1])
+    contexts = list(iter_contexts(model, prompts, batch_size=4))
+    got = observability_grams(model, contexts, rd, identity_reduce)
+    want = torch.zeros(L + 1, H, H, dtype=torch.float64)
+    for ctx in contexts:
+        w = rd.gradient(model, ctx.states[:, -1])
+        want[L] += w.T @ w
+        for layer in range(L - 1, -1, -1):
+            w = ctx.vjp(layer, w[:, None])[:, 0]
+            want[layer] += w.T @ w
+    assert _rel(got, want) < 1e-10

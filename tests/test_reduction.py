@@ -43,6 +43,9 @@ class LinearContext:
     def vjp(self, layer, cot):  # rows A_lᵀ w
         return cot @ self.A[layer]
 
+    def block(self, layer, x):  # [b, H] -> rows A_l x
+        return x @ self.A[layer].T
+
 
 def _toy(A: torch.Tensor, unit: torch.Tensor, readout_dir: torch.Tensor, d: int, basis: str):
     L, H = A.shape[0], A.shape[1]

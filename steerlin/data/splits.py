@@ -118,8 +118,9 @@ class LabelledPrompts:
         return LabelledPrompts(tuple(template.format(text=t) for t in self.texts), self.labels)
 
     def with_chat(self, tokenizer, *, system: str | None = None) -> LabelledPrompts:
-        """The prompts as user turns of `tokenizer`'s chat template (instruct models), ending
-        with the generation prompt, same labels. See `chat_prompts`."""
+        """The prompts as user turns of the chat template (instruct models), ending with the
+        generation prompt, same labels. `tokenizer`: the model (preferred) or its tokenizer;
+        see `chat_prompts`."""
         return LabelledPrompts(
             tuple(chat_prompts(self.texts, tokenizer, system=system)), self.labels
         )
@@ -129,10 +130,19 @@ def chat_prompts(texts, tokenizer, *, system: str | None = None) -> list[str]:
     """Each text as one user turn through `tokenizer.apply_chat_template(...,
     add_generation_prompt=True)`, so the last token is where the assistant's answer starts.
 
-    A leading BOS token the template writes is removed: TransformerLens's `to_tokens` (which
-    steerlin uses) prepends BOS itself, and two would shift every position. Apply it to the
-    templated texts of a split, e.g. `splits.operating.with_chat(model.tokenizer)`.
+    `tokenizer`: the model (preferred: `model.tokenizer` and its BOS convention are read) or a
+    bare tokenizer. A leading BOS token the template writes is removed only where it would be
+    doubled: TransformerLens's `to_tokens` (which steerlin uses) prepends BOS itself when
+    `model.cfg.default_prepend_bos` is set (Gemma), and two would shift every position. Where
+    it is not (steerlin's SmolLM2), the template's text is kept whole. With a bare tokenizer,
+    a BOS that recurs in the templated text is turn markup (SmolLM2's `<|im_start|>` opens
+    every turn) and is kept; one that only opens the text is dropped.
+    Apply it to the templated texts of a split, e.g. `splits.operating.with_chat(model)`.
     """
+    cfg = getattr(tokenizer, "cfg", None)
+    prepend = None if cfg is None else bool(getattr(cfg, "default_prepend_bos", True))
+    if cfg is not None:
+        tokenizer = tokenizer.tokenizer
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise InputError(
             "tokenizer: no chat template (an instruct model's tokenizer has one, e.g. "
@@ -146,7 +156,9 @@ def chat_prompts(texts, tokenizer, *, system: str | None = None) -> list[str]:
         ]
         s = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         if bos and s.startswith(bos):
-            s = s[len(bos) :]
+            strip = prepend if prepend is not None else bos not in s[len(bos) :]
+            if strip:
+                s = s[len(bos) :]
         out.append(s)
     return out
 

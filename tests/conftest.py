@@ -23,15 +23,16 @@ if not TL4:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 # Runtime shape/type checking (jaxtyping + beartype), installed before steerlin is imported:
-# always for steerlin.linalg (bases and reduced algebra on plain tensors, whose shape
-# annotations are the contract); for the whole package with STEERLIN_JAXTYPING=1, not yet the
-# default there: it still reports annotation mistakes at the boundaries (Literal hints
-# pre-empting steerlin's own argument errors, HookedTransformer/Mapping hints).
+# always for steerlin.linalg (bases and reduced algebra on plain tensors) and
+# steerlin.backend.fast (the single-query engine's tensors), whose shape annotations are the
+# contract; for the whole package with STEERLIN_JAXTYPING=1, not yet the default there: the
+# public boundaries' hints (Literal, HookedTransformer, Sequence) pre-empt steerlin's own
+# argument errors that the bad-input tests check, and tests pass duck-typed test doubles.
 
 install_import_hook(
     "steerlin"
     if os.environ.get("STEERLIN_JAXTYPING", "") not in ("", "0")
-    else ("steerlin.linalg",),
+    else ("steerlin.linalg", "steerlin.backend.fast"),
     "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))",
 )
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 from transformer_lens.components import (
     Attention,
@@ -184,9 +184,9 @@ class FastKV:
         position at block l (local and global layers use different bases), or None.
     """
 
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    allowed: tuple[torch.Tensor, ...]
+    keys: tuple[torch.Tensor | None, ...]  # None: a block not held (layer-wise contexts)
+    values: tuple[torch.Tensor | None, ...]
+    allowed: tuple[torch.Tensor | None, ...]
     cos: tuple[torch.Tensor | None, ...]
     sin: tuple[torch.Tensor | None, ...]
     weights: tuple[_LayerWeights, ...]
@@ -211,9 +211,9 @@ def _rotary_rows(attn, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def prepare(
     model: HookedTransformer,
-    keys: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
-    mask: Bool[torch.Tensor, "b Tp1"],
+    keys: Sequence[torch.Tensor | None],  # None: a block not held; released in place
+    values: Sequence[torch.Tensor | None],
+    mask: Int[torch.Tensor, "b Tp1"],
     *,
     release: bool = False,
 ) -> FastKV:

@@ -260,6 +260,7 @@ def run_fidelity(
     seed: int = 0,
     exact_eval: bool = True,
     progress: bool = True,
+    label_names: Sequence[str] | None = None,
 ) -> TaskRun:
     """Directions on splits.concept; surrogates (every basis and d) and exact gains on
     splits.operating; the ±ε scan (and, with exact_eval, exact gains: the split-noise check)
@@ -268,7 +269,11 @@ def run_fidelity(
     ds = [int(d)] if isinstance(d, int) else [int(x) for x in d]
     with timer("directions"):
         dirs = ConceptDirections.fit(
-            model, list(splits.concept.texts), list(splits.concept.labels), batch_size=batch_size
+            model,
+            list(splits.concept.texts),
+            list(splits.concept.labels),
+            batch_size=batch_size,
+            label_names=label_names,
         )
     surrogates, measured, exact_op, exact_ev = {}, {}, {}, {}
     ops = list(splits.operating.texts)

@@ -22,6 +22,7 @@ class FitInputs:
     concept: list | None
     concept_labels: list[int] | None
     how: str
+    label_names: tuple[str, str] | None = None  # (label 0, label 1), from a Task
 
 
 def _is_prompt_list(x) -> bool:
@@ -87,6 +88,7 @@ def resolve_inputs(
     from .data import LabelledPrompts, Splits, Task
 
     if isinstance(prompts, Task):
+        names = tuple(prompts.spec.class_names)
         try:
             prompts = prompts.split(400, 200, 200, seed=seed)
         except InputError as exc:
@@ -100,6 +102,7 @@ def resolve_inputs(
             list(prompts.concept.texts),
             list(prompts.concept.labels),
             how,
+            names,
         )
     if isinstance(prompts, Splits):
         return FitInputs(

@@ -391,9 +391,12 @@ def run_task(model, task: str, args, *, img_dir, log=print) -> dict:
     if task not in TASKS:
         raise InputError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
     nc, no = (int(x) for x in args.sizes.split(","))
-    sp = steerlin.load_task(TASKS[task], data_dir=args.data_dir).split(nc, no, 0, seed=0)
+    tk = steerlin.load_task(TASKS[task], data_dir=args.data_dir)
+    sp = tk.split(nc, no, 0, seed=0)
     t0 = time.time()
-    dirs = steerlin.ConceptDirections.fit(model, sp.concept.texts, sp.concept.labels)
+    dirs = steerlin.ConceptDirections.fit(
+        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
+    )
     sur = steerlin.Surrogate.fit(
         model, sp.operating.texts, dirs, d=args.d, basis=getattr(args, "basis", "krylov")
     )

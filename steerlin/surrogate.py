@@ -126,6 +126,7 @@ class Surrogate:
         distributed: bool = False,
         engine: str = "auto",
         context_memory: int = DEFAULT_CONTEXT_MEMORY,
+        label_names: Sequence[str] | None = None,
     ) -> Surrogate:
         """Identify the surrogate from JVPs at the operating prompts' clean trajectories.
 
@@ -174,6 +175,9 @@ class Surrogate:
                 all-reduce the statistics (see `steerlin.distributed`).
             engine: frozen-context engine for the JVPs/VJPs, "auto" (default: the fast
                 engine where it implements the model), "fast" or "tl" (`steerlin.frozen`).
+            label_names: (name of label 0, name of label 1) when the directions are fitted
+                here (default: a Task's class names, else "label 0"/"label 1"): what targets
+                such as "positive" and the printed sign convention call the two poles.
             context_memory: bytes of frozen contexts (every block's keys/values) the
                 two-sided/observable fit may keep from its observability pass for the
                 layer-major sweep (default 256 MiB: a few hundred short prompts). Batches
@@ -199,6 +203,7 @@ class Surrogate:
             distributed=distributed,
             engine=engine,
             context_memory=context_memory,
+            label_names=label_names,
         )[int(d)]
 
     @classmethod
@@ -242,6 +247,7 @@ class Surrogate:
         distributed: bool = False,
         engine: str = "auto",
         context_memory: int = DEFAULT_CONTEXT_MEMORY,
+        label_names: Sequence[str] | None = None,
     ) -> dict[int, Surrogate]:
         """`fit` at max(orders), one Surrogate per order (see `fit_orders`)."""
         if not (isinstance(context_memory, int) and context_memory >= 0):
@@ -262,7 +268,11 @@ class Surrogate:
         )
         if directions is None:
             directions = ConceptDirections.fit(
-                model, inputs.concept, inputs.concept_labels, batch_size=batch_size
+                model,
+                inputs.concept,
+                inputs.concept_labels,
+                batch_size=batch_size,
+                label_names=label_names or inputs.label_names,
             )
         elif not isinstance(directions, ConceptDirections):
             scale_prompts = inputs.concept if inputs.concept is not None else inputs.operating

@@ -124,3 +124,22 @@ def test_surrogate_directions_survive_save_load(gemma_like, tmp_path):
     assert torch.equal(back.directions.unit, sur.directions.unit)
     assert torch.equal(back.directions.scale, sur.directions.scale)
     assert back.meta == sur.meta
+
+
+def test_label_names_from_a_task_and_from_the_argument(tiny):
+    """A Task carries its class names into the fit; `label_names=` names the poles otherwise.
+    Targets such as "positive" and the printed sign convention use them."""
+    from steerlin import Controller
+
+    texts = [f"review number {i}" for i in range(1600)]  # 800 per class: 400 + 200 + 200
+    task = Task("toy", TASKS["sst2"], LabelledPrompts(texts, [i % 2 for i in range(1600)]))
+    assert resolve_inputs(task, labels_needed=True, seed=0, concept_fraction=0.5).label_names == (
+        "negative",
+        "positive",
+    )
+    prompts = random_prompts(tiny, 12, seed=4)
+    sur = Surrogate.fit(tiny, (prompts, [0, 1] * 6), d=2, label_names=("sad", "happy"))
+    assert sur.meta["label_names"] == ["sad", "happy"]
+    ctrl = Controller(sur, "happy")
+    assert ctrl.targets[0].separations == 1.0 and "+ = 'happy'" in ctrl.sign_convention
+    assert Controller(sur, "sad").targets[0].separations == -1.0

@@ -49,7 +49,9 @@ def cmd_demo(args) -> int:
     )
     enc = _encode_splits(model, splits)
     with run.timed("fidelity"):
-        tr = _fidelity(args, model, enc, task.name, readouts=("concept",))
+        tr = _fidelity(
+            args, model, enc, task.name, readouts=("concept",), label_names=task.spec.class_names
+        )
     run.timings.update({f"fidelity/{k}": v for k, v in tr.timings.items()})
     sur = tr.surrogate("concept")
     fid = tr.table()

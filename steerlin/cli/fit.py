@@ -39,7 +39,9 @@ def cmd_fit(args) -> int:
     run.config.update(task_name=task.name, label_words=lw, data_source=task.source)
     with run.timed("directions"):
         traj = capture(model, enc.concept.texts, batch_size=args.batch_size, progress=args.progress)
-        dirs = ConceptDirections.fit(model, traj, list(enc.concept.labels))
+        dirs = ConceptDirections.fit(
+            model, traj, list(enc.concept.labels), label_names=task.spec.class_names
+        )
     with run.timed("surrogate"):
         sur = Surrogate.fit(
             model,

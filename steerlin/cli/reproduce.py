@@ -50,7 +50,15 @@ def cmd_reproduce(args) -> int:
         else:
             run.say(f"{name}: logit readout skipped ({note})")
         with run.timed(f"{name}/fidelity"):
-            tr = _fidelity(args, model, enc, name, readouts=readouts, label_words=lw)
+            tr = _fidelity(
+                args,
+                model,
+                enc,
+                name,
+                readouts=readouts,
+                label_words=lw,
+                label_names=task.spec.class_names,
+            )
         fid = tr.table()
         all_fid += fid
         tag = re.sub(r"[^\w.-]+", "_", name)

@@ -29,7 +29,9 @@ from .common import (
 )
 
 
-def _fidelity(args, model, enc, task: str, *, readouts=("concept",), label_words=None):
+def _fidelity(
+    args, model, enc, task: str, *, readouts=("concept",), label_words=None, label_names=None
+):
     """run_fidelity with the CLI's shared settings (--basis, --d, --eps, --batch-size...)."""
     from ..experiments import run_fidelity
 
@@ -46,6 +48,7 @@ def _fidelity(args, model, enc, task: str, *, readouts=("concept",), label_words
         seed=args.seed,
         exact_eval=True,
         progress=args.progress,
+        label_names=label_names,
     )
 
 

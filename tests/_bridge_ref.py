@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 REFERENCE = Path(__file__).parent / "data" / "bridge_reference.json"
+GEMMA_REFERENCE = Path(__file__).parent / "data" / "gemma_bridge_reference.json"
 
 POS = ["good movie", "great film", "nice plot", "happy story", "the best acting", "love it"]
 NEG = ["bad movie", "awful film", "poor plot", "sad story", "the worst acting", "hate it"]
@@ -63,6 +64,30 @@ def reference(model) -> dict:
     return out
 
 
+# the offline Gemma-3-270m on both lines (`python tests/_bridge_ref.py --gemma` in the 3.x venv)
+G_POS = ["I loved this film.", "A wonderful, moving story.", "Great acting, clever plot."]
+G_NEG = ["I hated this film.", "A dull, tedious story.", "Terrible acting, silly plot."]
+G_OPS = ["The movie was", "I think this film", "Overall, the acting"]
+
+
+def gemma_reference(model) -> dict:
+    """capture, directions, Surrogate.fit, exact gains and a steered greedy generation of the
+    real Gemma-3-270m, float64 lists (generation: token ids)."""
+    from steerlin import ConceptDirections, Controller, Surrogate, capture, exact_gains
+    from steerlin.regime import generate
+
+    f64 = lambda t: torch.as_tensor(t).detach().to(torch.float64).cpu()
+    dirs = ConceptDirections.fit(model, G_POS + G_NEG, [1, 1, 1, 0, 0, 0])
+    sur = Surrogate.fit(model, G_OPS, dirs, d=4)
+    return {
+        "capture": f64(capture(model, G_OPS).states[:, -1]).tolist(),
+        "directions": f64(dirs.unit).tolist(),
+        "surrogate_gains": f64(sur.gains).tolist(),
+        "exact_gains": f64(exact_gains(model, G_OPS, dirs)).tolist(),
+        "generate_steered": generate(model, G_OPS, 6, Controller(sur, 1.0)).new_ids.tolist(),
+    }
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import _hf_tiny
@@ -72,6 +97,12 @@ def main() -> None:
     torch.set_num_threads(1)
     if tl_major() >= 4:
         raise SystemExit("run this in the TransformerLens 3 venv (it writes the 3.x reference)")
+    if "--gemma" in sys.argv:
+        from steerlin import load_model
+
+        GEMMA_REFERENCE.write_text(json.dumps(gemma_reference(load_model("gemma-3-270m"))))
+        print(f"wrote {GEMMA_REFERENCE}")
+        return
     data = {arch: reference(_hf_tiny.wrap(arch)) for arch in _hf_tiny.ARCHS}
     import transformer_lens
 

@@ -107,8 +107,8 @@ class FrozenContext:
     index: Int[torch.Tensor, " b"]
     lengths: Int[torch.Tensor, " b"]
     states: Float[torch.Tensor, "b Lp1 H"]
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
+    keys: tuple[torch.Tensor | None, ...]  # None: a block not held (layer-wise contexts)
+    values: tuple[torch.Tensor | None, ...]
     mask: Int[torch.Tensor, "b Tp1"]
 
     engine: Backend | None = field(default=None, repr=False, compare=False)

@@ -34,31 +34,43 @@ def _layers(layers, n_layers: int) -> list[int]:
     return out
 
 
+def state_gradients(
+    ctx: FrozenContext, readout: Readout, what: str = "exact gains: non-finite gradient"
+) -> Float[torch.Tensor, "b L H"]:
+    """∂y(p)/∂x_l for every layer l < L at once: ONE backward pass through the single-token
+    chain x_{l+1} = f_l(x_l) with a zero additive perturbation at each x_l.
+
+    These are the readout gradient propagated backwards, w_l = A_lᵀ w_{l+1} (the
+    observability vectors of the two-sided basis), and the exact gains are ⟨w_l, b_l⟩.
+    A non-finite block output or gradient raises NonFiniteError prefixed by `what`.
+    """
+    L, st = ctx.n_layers, ctx.states
+    with torch.enable_grad():
+        u = torch.zeros(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
+        u.requires_grad_(True)
+        x = st[:, 0]
+        for layer in range(L):
+            x = ctx.block(layer, x + u[:, layer])
+            if not torch.isfinite(x).all():  # name the block before backward smears it
+                raise NonFiniteError(
+                    f"{what} at layer {layer}: the single-token block's output is not finite"
+                )
+        (W,) = torch.autograd.grad(readout(ctx.model, x).sum(), u)
+    bad = (~torch.isfinite(W)).any(-1).any(0).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(f"{what} at layers {bad}")
+    return W.detach()
+
+
 def per_prompt_gains(
     ctx: FrozenContext,
     b: Float[torch.Tensor, "L H"],
     readout: Readout,
 ) -> Float[torch.Tensor, "b L"]:
-    """Exact first-order gains ∂y(p)/∂u_l for every layer at once: ONE backward pass.
-
-    u_l enters as x_l + u_l b_l on the single-token chain x_{l+1} = f_l(x_l), so the gradient
-    of y with respect to the (zero) amplitudes u[p, l] is the per-prompt gain.
-    """
-    model = ctx.model
-    L = ctx.n_layers
-    with torch.enable_grad():
-        u = torch.zeros(
-            len(ctx), L, dtype=ctx.states.dtype, device=ctx.states.device, requires_grad=True
-        )
-        x = ctx.states[:, 0]
-        for layer in range(L):
-            x = ctx.block(layer, x + u[:, layer, None] * b[layer].to(x))
-        y = readout(model, x)
-        (g,) = torch.autograd.grad(y.sum(), u)
-    if not torch.isfinite(g).all():
-        bad = (~torch.isfinite(g)).any(0).nonzero().flatten().tolist()
-        raise NonFiniteError(f"exact gains: non-finite gradient at layers {bad}")
-    return g.detach()
+    """Exact first-order gains ∂y(p)/∂u_l = ⟨∂y(p)/∂x_l, b_l⟩ for every layer at once, from
+    the one backward pass of `state_gradients` (u_l enters as x_l + u_l b_l)."""
+    W = state_gradients(ctx, readout)
+    return torch.einsum("blh,lh->bl", W, b.to(W))
 
 
 def scan_context(
@@ -238,5 +250,6 @@ __all__ = [
     "exact_gains",
     "per_prompt_gains",
     "scan_context",
+    "state_gradients",
     "scan_gains",
 ]

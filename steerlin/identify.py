@@ -20,6 +20,7 @@ from .backend import Model
 from .directions import ConceptDirections
 from .errors import InputError, NonFiniteError
 from .frozen import FrozenContext, LayerwiseContext
+from .gains import state_gradients
 from .readouts import Readout
 
 
@@ -244,9 +245,9 @@ def observability_grams(model, contexts: Iterable, readout: Readout, reduce) -> 
     """Σ_p w_l(p) w_l(p)ᵀ for l = 0..L: the observability statistic of the two-sided basis.
 
     w_L(p) = ∇_x y at the prompt's final state, w_l(p) = A_l(p)ᵀ w_{l+1}(p) = ∂y(p)/∂x_l: all
-    of them from ONE backward pass per batch through the single-token chain (zero additive
-    perturbations at every x_l, as `exact_gains`), which is what the per-layer VJP recursion
-    `FrozenContext.vjp` computes one layer at a time at ~3x the cost (a graph per call).
+    of them from ONE backward pass per batch through the single-token chain
+    (`gains.state_gradients`, the pass `exact_gains` makes): what the per-layer VJP
+    recursion `FrozenContext.vjp` computes one layer at a time, at ~3x the cost.
     """
     L, H = model.cfg.n_layers, model.cfg.d_model
     gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
@@ -266,23 +267,7 @@ def observability_grams(model, contexts: Iterable, readout: Readout, reduce) -> 
             )
         w64 = w.to("cpu", torch.float64)
         gram[L] += w64.T @ w64
-        with torch.enable_grad():
-            st = ctx.states
-            u = torch.zeros(len(ctx), L, H, dtype=st.dtype, device=st.device, requires_grad=True)
-            x = st[:, 0]
-            for layer in range(L):
-                x = ctx.block(layer, x + u[:, layer])
-                if not torch.isfinite(x).all():  # name the block before backward smears it
-                    raise NonFiniteError(
-                        f"vjp: non-finite vector-Jacobian product at layer {layer} (the "
-                        "single-token block's output is not finite)"
-                    )
-            (W,) = torch.autograd.grad(readout(model, x).sum(), u)  # W[:, l] = ∂y/∂x_l
-        bad = (~torch.isfinite(W)).any(-1).any(0).nonzero().flatten()
-        if len(bad):
-            raise NonFiniteError(
-                f"vjp: non-finite vector-Jacobian product at layer {int(bad.max())}"
-            )
+        W = state_gradients(ctx, readout, "vjp: non-finite vector-Jacobian product")
         W64 = W.detach().to("cpu", torch.float64)
         gram[:L] += torch.einsum("blh,blg->lhg", W64, W64)
     return reduce(gram)

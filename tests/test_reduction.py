@@ -28,9 +28,11 @@ F64 = torch.float64
 class LinearContext:
     """A 'frozen context' of an exactly linear depth map x_{l+1} = A_l x_l (same for every row)."""
 
-    def __init__(self, A: torch.Tensor, b: int, H: int):
+    def __init__(self, A: torch.Tensor, b: int, H: int, model=None):
         self.A = A  # [L, H, H]
+        self.model = model
         L = A.shape[0]
+        self.n_layers = L
         self.states = torch.zeros(b, L + 1, H, dtype=F64)
         self.index = torch.arange(b)
 
@@ -52,7 +54,7 @@ def _toy(A: torch.Tensor, unit: torch.Tensor, readout_dir: torch.Tensor, d: int,
     model = SimpleNamespace(cfg=SimpleNamespace(n_layers=L, d_model=H))
     dirs = ConceptDirections(unit.clone(), unit.clone(), torch.ones(L + 1, dtype=F64), {})
     rd = Readout("concept", direction=readout_dir)
-    contexts = [LinearContext(A, 3, H)]
+    contexts = [LinearContext(A, 3, H, model)]
     obs = None
     if basis in ("two-sided", "observable"):
         obs = observability_grams(model, contexts, rd, identity_reduce)

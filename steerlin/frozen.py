@@ -410,11 +410,13 @@ class ContextPool:
             iter_batches(ids, batch_size, pad=pad_id(model), device=model.cfg.device)
         )
         self.held: list[FrozenContext] = []
+        self._spare: FrozenContext | None = None  # the first batch over budget, built already
         used = 0
         for bt in self.batches:
             ctx = self._build(bt)
             used += context_nbytes(ctx)
             if used > budget:
+                self._spare = ctx  # served once by the first pass instead of rebuilt
                 break
             self.held.append(ctx)
 
@@ -423,8 +425,9 @@ class ContextPool:
 
     def __iter__(self) -> Iterator[FrozenContext]:
         yield from self.held
-        for bt in self.batches[len(self.held) :]:
-            yield self._build(bt)
+        for i, bt in enumerate(self.batches[len(self.held) :]):
+            spare, self._spare = self._spare, None
+            yield spare if i == 0 and spare is not None else self._build(bt)
 
     def __len__(self) -> int:
         return len(self.batches)

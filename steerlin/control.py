@@ -14,8 +14,6 @@ pattern (all layers, the last, one given or one random layer) and solve for its 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -50,9 +48,14 @@ class Controller:
     vector, or "kl" (½uᵀFu, the predicted KL of the next-token distribution; needs
     `model=` and `metric_prompts=`, or pass `metric=steerlin.kl_metric(model, prompts, sur)`).
 
-    Calibration: `ctrl.calibrate(model, prompts, positions=...)` returns a calibrated copy
-    (this Controller is not changed); its `apply` then uses the calibrated schedule, under the
-    position policy it was calibrated in.
+    Calibration: `ctrl.calibrate(model, prompts, positions=...)` calibrates this Controller in
+    place and returns it (scikit-learn's `fit` habit, so a discarded result cannot leave `apply`
+    steering with the uncalibrated schedule); `apply` then uses the calibrated schedule, under
+    the position policy it was calibrated in. `copy.copy(ctrl).calibrate(...)` keeps the
+    original uncalibrated.
+
+    Without a surrogate: `Controller.from_gains(h, directions, target)` takes measured gains,
+    e.g. `steerlin.exact_gains` (one backward pass), since least-norm needs only h.
 
     Args:
         surrogates: a Surrogate or a list of them (same model).
@@ -233,7 +236,9 @@ class Controller:
         the schedule on the last prompt token and every continuation token; `n_tokens=0`
         measures a single forward at the last prompt token only; "all" steers every position.
 
-        Returns a new Controller whose `calibration` holds the result and whose `apply` uses it.
+        Calibrates this Controller in place (its `calibration` holds the result and its `apply`
+        uses it) and returns it, so `ctrl = ctrl.calibrate(...)` and a bare
+        `ctrl.calibrate(...)` do the same.
         """
         from .regime import calibrate_regime
         from .verify import _schedule_readout
@@ -256,10 +261,52 @@ class Controller:
             tol=tol,
             batch_size=batch_size,
         )
-        out = copy.copy(self)
-        out.calibration = cal
-        out._apply_positions = positions
-        return out
+        self.calibration = cal
+        self._apply_positions = positions
+        return self
+
+    @classmethod
+    def from_gains(
+        cls,
+        gains,
+        directions,
+        target=1.0,
+        *,
+        model=None,
+        prompts=None,
+        readout="concept",
+        **kwargs,
+    ) -> Controller:
+        """A Controller from measured per-layer gains instead of a fitted surrogate.
+
+        The least-norm schedule u* = Δy · W⁻¹h / (hᵀW⁻¹h) needs only the gains h_l = ∂y/∂u_l,
+        so exact full-model gains (`steerlin.exact_gains`: one backward pass per batch) give a
+        schedule with no reduced model at all. What the surrogate adds over this is the
+        reduced dynamics (A, B, c): cross-gains between concepts, Hankel spectra and a model
+        of the depth dynamics, and a fit whose cost does not grow with the readouts asked of it.
+
+        gains: Float[L] (readout change per unit norm-relative injection u_l b_l, as
+            `exact_gains` and `Surrogate.gains` give them), or "exact" to measure them here
+            with `exact_gains(model, prompts, directions, readout=readout)`.
+        directions: the `ConceptDirections` the gains were measured along (its b_l = scale_l
+            unit_l is what the schedule injects; its concept split defines one separation).
+        readout: "concept" (default) or a `steerlin.readouts.Readout` (needs the directions'
+            stored logit means for separations; else pass units="raw").
+        kwargs: as `Controller` (units, layers, metric, model/metric_prompts for "kl", seed).
+        """
+        if isinstance(gains, str):
+            if gains != "exact":
+                raise InputError(
+                    f"gains: expected a tensor of per-layer gains or 'exact', got {gains!r}"
+                )
+            if model is None or prompts is None:
+                raise InputError('gains="exact": pass model= and prompts= to measure them on')
+            from .gains import exact_gains
+
+            gains = exact_gains(model, prompts, directions, readout=readout)
+        if model is not None and "model" not in kwargs and kwargs.get("metric") == "kl":
+            kwargs["model"] = model
+        return cls(GainModel.build(gains, directions, readout), target, **kwargs)
 
     @classmethod
     def recommend(cls, surrogate, *, strength: float = 1.0, sign: int = 1) -> Controller:
@@ -354,6 +401,61 @@ class Controller:
         return self._make(a[:, None] * pattern[None], kind)
 
 
+class GainModel:
+    """What a Controller reads from a Surrogate, built from measured gains (`from_gains`).
+
+    gains: Float[L]; P: Float[L+1, H, 1] (unit_l per layer, then the concept readout
+    direction); meta: scale_l, the class separation, label names and the readout kind.
+    No reduced dynamics: cross-gains between concepts must come as `coupling=`.
+    """
+
+    def __init__(self, gains, P, meta):
+        self.gains, self.P, self.meta = gains, P, meta
+        self.n_layers = int(gains.shape[0])
+
+    @classmethod
+    def build(cls, gains, directions, readout="concept") -> GainModel:
+        unit = getattr(directions, "unit", None)
+        if unit is None or getattr(directions, "scale", None) is None:
+            raise InputError(
+                "directions: expected steerlin.ConceptDirections (unit, scale per layer), got "
+                f"{type(directions).__name__}"
+            )
+        L = unit.shape[0] - 1
+        h = torch.as_tensor(gains).detach().to("cpu", F64)
+        if h.ndim != 1 or h.shape[0] != L:
+            raise ShapeError(f"gains: expected shape [{L}] (one per layer), got {tuple(h.shape)}")
+        if not torch.isfinite(h).all():
+            raise InputError("gains: expected finite values, got NaN or inf")
+        kind = readout if isinstance(readout, str) else getattr(readout, "kind", None)
+        if kind == "concept":
+            rd_dir = unit[-1].detach().to("cpu", F64)
+            sep = float(rd_dir @ directions.vectors[-1].detach().to("cpu", F64))
+            rd_meta = {"kind": "concept", "pos_token": None, "neg_token": None}
+        elif kind == "logits" and not isinstance(readout, str):
+            rd_dir = torch.zeros(unit.shape[1], dtype=F64)
+            sep = directions.separation(readout)
+            rd_meta = readout.to_meta()
+        else:
+            raise InputError(
+                f"readout: expected 'concept' or a steerlin Readout, got {readout!r} (for a "
+                "logit readout pass the Readout object, steerlin.readouts.make_readout)"
+            )
+        P = torch.cat([unit[:L].detach().to("cpu", F64), rd_dir[None]])[:, :, None]
+        meta = {k: directions.meta[k] for k in ("model_name",) if k in directions.meta} | {
+            "n_layers": L,
+            "d_model": int(unit.shape[1]),
+            "readout": rd_meta,
+            "scale": directions.scale.detach().to("cpu", F64).tolist(),
+            "separation": None
+            if sep is None
+            else {"value": sep, "readout": rd_meta["kind"], "split": "concept", "plus": "label 1"},
+            "label_names": list(directions.meta.get("label_names", ["label 0", "label 1"])),
+            "gains_source": "measured",
+        }
+        return cls(h, P, meta)
+
+
 def _regime_of(positions) -> str:
     """The regime.py policy a hooks position policy steers generation in."""
     if positions in ("last", "generated"):
@@ -381,10 +483,15 @@ def surrogate_cross_gains(si, sj) -> Float[torch.Tensor, " L"]:
     lies in span(P^i_l); otherwise it keeps only the part the basis sees (measure with
     `steerlin.evaluate.cross_gains` for the exact first-order value).
     """
+    if not hasattr(si, "A"):
+        raise InputError(
+            "several concepts from measured gains: pass coupling= (steerlin.cross_gains), the "
+            "cross-gains cannot be predicted without a surrogate's reduced dynamics"
+        )
     bj = sj.P[:-1, :, 0] * _scale_of(sj)[:, None]  # [L, H]
     r = torch.einsum("lhd,lh->ld", si.P[:-1], bj)  # P^i_l^T b^j_l  [L, d]
     B = torch.einsum("lij,lj->li", si.A, r)  # [L, d]
     return gains_from_reduced(si.A, B, si.c)
 
 
-__all__ = ["Controller", "Schedule", "surrogate_cross_gains"]
+__all__ = ["Controller", "GainModel", "Schedule", "surrogate_cross_gains"]

@@ -131,7 +131,7 @@ def test_calibrate_then_apply_uses_the_calibration(fitted, positions):
     ctrl = Controller(sur, 0.5)
     cont = _cont(m, ops, 4)
     cal = ctrl.calibrate(m, cont, positions=positions, n_tokens=4)
-    assert ctrl.calibration is None
+    assert cal is ctrl  # in place: a discarded result still calibrates (`apply` below)
     assert cal.calibration.positions == ("all" if positions == "all" else "generated")
     rd = make_readout(m, "concept", dirs.unit[-1])
     got = measure_regime_shift(
@@ -162,3 +162,45 @@ def test_calibrate_then_apply_uses_the_calibration(fitted, positions):
         cal.apply(m, positions=other)
     # the calibrated multiplier differs between regimes (the point of calibrating in them)
     assert cal.calibration.multiplier > 0
+
+
+def test_from_gains_with_the_surrogate_gains_is_the_surrogate_schedule(fitted):
+    m, concept, labels, dirs, ops, sur = fitted
+    a = Controller(sur, 0.5).schedule
+    b = Controller.from_gains(sur.gains, dirs, 0.5).schedule
+    assert torch.allclose(a.amplitudes, b.amplitudes, rtol=1e-12, atol=0)
+    assert torch.allclose(a.vectors, b.vectors, rtol=1e-12, atol=0)
+    assert b.meta["predicted_shift"] == pytest.approx(a.meta["predicted_shift"], rel=1e-12)
+
+
+def test_from_exact_gains_is_least_norm_and_calibrates_on_the_full_model(fitted):
+    from steerlin import exact_gains
+
+    m, concept, labels, dirs, ops, sur = fitted
+    ctrl = Controller.from_gains("exact", dirs, 0.5, model=m, prompts=ops, layers=[1, 2, 3])
+    h = exact_gains(m, ops, dirs)
+    u = ctrl.schedule.amplitudes
+    want = torch.zeros_like(h)
+    want[[1, 2, 3]] = h[[1, 2, 3]] * float(ctrl.target[0]) / h[[1, 2, 3]].pow(2).sum()
+    assert torch.allclose(u, want, rtol=1e-10, atol=1e-14)
+    cont = _cont(m, ops, 4)
+    ctrl.calibrate(m, cont, positions="generated", n_tokens=4)  # result discarded on purpose
+    assert ctrl.calibration is not None  # in place: apply now uses the calibrated schedule
+    rd = make_readout(m, "concept", dirs.unit[-1])
+    got = measure_regime_shift(m, cont, ctrl.calibrated.vectors, rd, n_new=4)
+    assert got == pytest.approx(float(ctrl.target[0]), rel=1.1e-2)
+
+
+def test_from_gains_refuses_what_it_cannot_use(fitted):
+    from steerlin.errors import ShapeError
+
+    m, concept, labels, dirs, ops, sur = fitted
+    with pytest.raises(ShapeError, match="gains"):
+        Controller.from_gains(sur.gains[:-1], dirs, 1.0)
+    with pytest.raises(InputError, match="gains"):
+        Controller.from_gains("magic", dirs, 1.0)
+    with pytest.raises(InputError, match="model= and prompts="):
+        Controller.from_gains("exact", dirs, 1.0)
+    with pytest.raises(InputError, match="coupling"):
+        g = Controller.from_gains(sur.gains, dirs, 1.0).surrogates[0]
+        Controller([g, g], [1.0, 1.0])

@@ -23,6 +23,7 @@ from .errors import InputError, LayerError, ShapeError
 from .linalg import gains_from_reduced
 from .schedule import Schedule
 from .targets import resolve_target
+from .validate import check_int, check_layers, check_surrogate, check_targets
 
 F64 = torch.float64
 
@@ -87,6 +88,9 @@ class Controller:
         self.surrogates = [surrogates] if single else list(surrogates)
         if not self.surrogates:
             raise InputError("surrogates: expected at least one Surrogate, got an empty list")
+        for i, s in enumerate(self.surrogates):
+            check_surrogate("surrogates" if single else f"surrogates[{i}]", s)
+        seed = check_int("seed", seed)
         self.single = single
         k = len(self.surrogates)
         L = self.surrogates[0].n_layers
@@ -94,27 +98,15 @@ class Controller:
         for s in self.surrogates:
             if s.n_layers != L or s.P.shape[1] != H:
                 raise ShapeError("surrogates: all must come from the same model shape (L, H)")
-        raw_targets = list(target) if isinstance(target, list | tuple | torch.Tensor) else [target]
-        if len(raw_targets) != k:
-            raise ShapeError(
-                f"target: expected {k} value(s), one per surrogate, got {len(raw_targets)}"
-            )
+        raw_targets = check_targets("target", target, k)
         self.targets = [
-            resolve_target(t.item() if isinstance(t, torch.Tensor) else t, s.meta, units=units)
+            resolve_target(t, s.meta, units=units)
             for t, s in zip(raw_targets, self.surrogates, strict=True)
         ]
         self.units = units
         self.target = torch.tensor([t.raw for t in self.targets], dtype=F64)
         self.n_layers = L
-        if layers is None:
-            allowed = list(range(L))
-        else:
-            allowed = sorted({int(x) for x in layers})
-            if not allowed:
-                raise InputError("layers: expected at least one allowed layer, got none")
-            for x in allowed:
-                if not 0 <= x < L:
-                    raise LayerError(f"layers: expected indices in 0..{L - 1}, got {x}")
+        allowed = list(range(L)) if layers is None else check_layers("layers", layers, L)
         self.layers = allowed
         self.seed = seed
         self.G = self._gain_tensor(coupling)
@@ -173,7 +165,8 @@ class Controller:
         units = torch.stack([s.P[:-1, :, 0] for s in self.surrogates])  # [k, L, H]
         scales = torch.stack([_scale_of(s) for s in self.surrogates])  # [k, L]
         meta = dict(self.surrogates[0].meta)
-        meta = {key: meta[key] for key in ("model_name", "n_layers", "d_model") if key in meta}
+        keep = ("model_name", "n_layers", "d_model", "model_fingerprint")
+        meta = {key: meta[key] for key in keep if key in meta}
         readouts = [s.meta.get("readout", {"kind": "concept"}) for s in self.surrogates]
         rd = None
         if all(r.get("kind") == "concept" for r in readouts):

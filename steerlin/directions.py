@@ -3,23 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 
 from .backend import Model, check_model
 from .errors import FileFormatError, InputError, NonFiniteError, ShapeError
-from .io import check_model_meta, load_tensors, model_meta, save_tensors
+from .io import (
+    ANY_FLOAT_DTYPES,
+    check_model_meta,
+    check_tensor,
+    check_unexpected,
+    load_tensors,
+    meta_int,
+    model_meta,
+    save_tensors,
+)
 from .trajectory import PromptsLike, Trajectory, capture
 
 
 def check_labels(labels, n: int) -> torch.Tensor:
     """Validate binary labels for n prompts: length n, values 0/1, both classes present."""
-    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if labels is None or isinstance(labels, str | bytes):
+        raise InputError(f"labels: expected a list of 0/1 labels, one per prompt, got {labels!r}")
+    if not isinstance(labels, torch.Tensor):
+        try:
+            labels = list(labels)
+        except TypeError:
+            raise InputError(
+                f"labels: expected a list of 0/1 labels, got {type(labels).__name__}"
+            ) from None
+        for i, v in enumerate(labels):
+            v = v.item() if isinstance(v, torch.Tensor | np.generic) and v.ndim == 0 else v
+            if isinstance(v, str) or not isinstance(v, numbers.Real):
+                raise InputError(
+                    f"labels[{i}]: expected a 0/1 label, got {v!r} ({type(v).__name__}); map "
+                    "class names to 0/1 (label_names= keeps the names)"
+                )
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"labels: expected a flat list of 0/1 labels ({exc})") from None
+    if labels.is_complex():
+        raise InputError(f"labels: expected 0/1 labels, got a {labels.dtype} tensor")
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ShapeError(f"labels: expected {n} labels (one per prompt), got {tuple(labels.shape)}")
     uniq = set(labels.tolist())
@@ -244,18 +276,43 @@ class ConceptDirections:
         save_tensors(path, "ConceptDirections", tensors, self.meta)
 
     @classmethod
-    def load(cls, path, model: Model | None = None) -> ConceptDirections:
-        """Load; with `model`, refuse a file fitted on a model of another shape."""
+    def load(
+        cls, path, model: Model | None = None, *, allow_other_model: bool = False
+    ) -> ConceptDirections:
+        """Load; every tensor's shape, dtype and finiteness is checked against the metadata.
+
+        With `model`, refuse a file fitted on a model of another shape, or on another model
+        of the same shape (weight fingerprint; `allow_other_model=True` to use it anyway).
+        """
         t, meta = load_tensors(path, "ConceptDirections")
-        if model is not None:
-            check_model_meta(meta, model.cfg, path)
         base = {"vectors", "unit", "scale"}
-        if not base <= set(t) <= base | {"logit_means"} or t["unit"].shape != t["vectors"].shape:
-            raise FileFormatError(f"{str(path)!r}: ConceptDirections file has unexpected tensors")
-        if model is not None:
-            check_model_meta(
-                {"n_layers": t["unit"].shape[0] - 1, "d_model": t["unit"].shape[1]}, model.cfg, path
+        if not base <= set(t):
+            raise FileFormatError(
+                f"{str(path)!r}: ConceptDirections file lacks tensors {sorted(base - set(t))}"
             )
+        check_unexpected(path, "ConceptDirections", t, base | {"logit_means"})
+        if model is not None:
+            check_model_meta(meta, model, path, allow_other_model=allow_other_model)
+        L = meta_int(meta, "n_layers", path, min=1)
+        H = meta_int(meta, "d_model", path, min=1)
+        unit = t["unit"]
+        check_tensor(path, "unit", unit, (None, None), dtypes=ANY_FLOAT_DTYPES)
+        Lp1 = unit.shape[0] if L is None else L + 1
+        H = unit.shape[1] if H is None else H
+        for name in ("vectors", "unit"):
+            check_tensor(path, name, t[name], (Lp1, H), dtypes=ANY_FLOAT_DTYPES)
+        check_tensor(path, "scale", t["scale"], (Lp1,), dtypes=ANY_FLOAT_DTYPES)
+        if "logit_means" in t:
+            check_tensor(path, "logit_means", t["logit_means"], (2, None), dtypes=ANY_FLOAT_DTYPES)
+        names = meta.get("label_names")
+        if names is not None and not (
+            isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)
+        ):
+            raise FileFormatError(
+                f"{str(path)!r}: metadata 'label_names' should be two strings, got {names!r}"
+            )
+        if model is not None:
+            check_model_meta({"n_layers": Lp1 - 1, "d_model": H}, model.cfg, path)
         return cls(
             vectors=t["vectors"],
             unit=t["unit"],
@@ -287,10 +344,15 @@ def _logit_means(model, xL: torch.Tensor, y: torch.Tensor, chunk: int = 16):
     from .fisher import full_logits
 
     V = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0 else model.cfg.d_vocab
-    sums = torch.zeros(2, V, dtype=torch.float64)
+    # states and labels stay on the CPU (`capture` keeps them there); each chunk goes to the
+    # model's device for the unembedding and its logits come back to the CPU float64 sums
+    dev = model.cfg.device
+    sums = torch.zeros(2, V, dtype=torch.float64, device="cpu")
+    y = y.to("cpu")
     with torch.no_grad():
         for s in range(0, xL.shape[0], chunk):
-            z = full_logits(model, xL[s : s + chunk].to(model.cfg.dtype)).to(torch.float64)
+            x = xL[s : s + chunk].to(device=dev, dtype=model.cfg.dtype)
+            z = full_logits(model, x).to(device="cpu", dtype=torch.float64)
             yy = y[s : s + chunk]
             sums[0] += z[yy == 0].sum(0)
             sums[1] += z[yy == 1].sum(0)

@@ -29,6 +29,15 @@ class FileFormatError(SteerlinError, ValueError):
     """A file is not one steerlin wrote, is truncated, or belongs to another model."""
 
 
+class OtherModelError(SteerlinError, ValueError):
+    """A saved or fitted object belongs to another model of the same shape (its weight
+    fingerprint differs); pass allow_other_model=True to use it anyway."""
+
+
+class FileWriteError(SteerlinError, OSError):
+    """A file could not be written (a folder in the way, no permission, disk full)."""
+
+
 class ModelLoadError(SteerlinError, RuntimeError):
     """A model could not be loaded (offline without a cache, unknown name, missing package)."""
 
@@ -54,6 +63,8 @@ __all__ = [
     "LayerError",
     "ModelTypeError",
     "FileFormatError",
+    "FileWriteError",
+    "OtherModelError",
     "ModelLoadError",
     "NonFiniteError",
     "UnreachableTargetError",

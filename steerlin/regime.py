@@ -18,7 +18,6 @@ tokens discontinuously). Each measurement is one forward per prompt batch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from .backend import check_model
 from .errors import InputError, NonFiniteError, UnreachableTargetError
 from .fisher import full_logits
 from .hooks import resid_pre_name
+from .validate import check_int, check_number, check_text_prompts
 
 POLICIES = ("last", "generated", "all")
 F64 = torch.float64
@@ -86,11 +86,8 @@ def generate(
     check_model(model)
     if model.tokenizer is None:
         raise InputError("generate: the model has no tokenizer")
-    prompts = list(prompts)
-    if not prompts:
-        raise InputError("prompts: expected at least one prompt, got none")
-    if int(max_new_tokens) < 1:
-        raise InputError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, min=1)
+    prompts = check_text_prompts("prompts", prompts, model, extra_tokens=max_new_tokens)
     ctx = schedule.apply(model, positions=positions) if schedule is not None else nullcontext()
     with ctx, torch.no_grad():
         out = backend.get(model).generate_tokens(model, prompts, max_new_tokens=int(max_new_tokens))
@@ -317,6 +314,9 @@ def bisect_multiplier(
 
     Returns (α, f(α), evaluations); UnreachableTargetError if no bracket is found.
     """
+    target = check_number("target", target)
+    tol = check_number("tol", tol, positive=True)
+    max_evaluations = check_int("max_evaluations", max_evaluations, min=1)
     evals = 0
     lo, f_lo = 0.0, 0.0
     hi = 1.0
@@ -380,10 +380,17 @@ def calibrate_regime(
     n_new positions that predict the continuation ("generated", "all"); see the module
     docstring.
     """
+    check_model(model)
     positions = _policy(positions)
-    target = float(target)
-    if not math.isfinite(target) or target == 0:
+    target = check_number("target", target)
+    if target == 0:
         raise InputError(f"target: expected a finite non-zero shift, got {target}")
+    n_new = check_int("n_tokens", n_new, min=1)
+    tol = check_number("tol", tol, positive=True)
+    max_multiplier = check_number("max_multiplier", max_multiplier, min=1.0)
+    batch_size = check_int("batch_size", batch_size, min=1)
+    if not callable(readout):
+        raise InputError(f"readout: expected a Readout (callable), got {readout!r}")
     if not schedule.layers:
         raise InputError("schedule: all amplitudes are zero; nothing to calibrate")
     schedule.check_for(model)
@@ -391,7 +398,9 @@ def calibrate_regime(
         cont = prompts
         n_new = min(n_new, cont.n_new)
     else:
-        cont = generate(model, list(prompts), 1 if positions == "last" else n_new)
+        n_gen = 1 if positions == "last" else n_new
+        prompts = check_text_prompts("prompts", prompts, model, extra_tokens=n_gen)
+        cont = generate(model, prompts, n_gen)
     n_used = 1 if positions == "last" else n_new
     kw = dict(positions=positions, n_new=n_used, batch_size=batch_size)
     clean = readout(model, final_states(model, cont, None, **kw)).to(F64)

@@ -19,7 +19,14 @@ from jaxtyping import Float
 
 from .errors import FileFormatError, InputError, LayerError, ShapeError
 from .export import write_llama_cpp
-from .io import check_model_meta, load_tensors, save_tensors
+from .io import (
+    check_model_meta,
+    check_tensor,
+    check_unexpected,
+    load_tensors,
+    meta_int,
+    save_tensors,
+)
 
 F64 = torch.float64
 
@@ -125,22 +132,28 @@ class Schedule:
 
     # ------------------------------------------------------------- on the model
     @contextmanager
-    def apply(self, model, *, positions="last", lengths=None):
+    def apply(self, model, *, positions="last", lengths=None, allow_other_model: bool = False):
         """Context manager: this schedule as live hooks on `model` (`steerlin.inject`).
 
         Hooks are removed on exit and on any exception. `positions` as in `steerlin.inject`
         (default "last", the one default of every steering entry point): inside,
         `model.generate(...)` with its KV cache is steered at the last prompt token and every
         generated token; "generated" does the same and refuses forwards without a cache.
+
+        A schedule made for another model of the same shape (its weight fingerprint differs)
+        is refused unless `allow_other_model=True`.
         """
         from .hooks import check_model, inject
 
         check_model(model)
         self.check_for(model)
+        self.check_identity(model, allow_other_model=allow_other_model)
         with inject(model, self._model_additions(model), positions=positions, lengths=lengths) as h:
             yield h
 
-    def hooks(self, model, *, positions="last", lengths=None) -> list:
+    def hooks(
+        self, model, *, positions="last", lengths=None, allow_other_model: bool = False
+    ) -> list:
         """`[(hook_name, fn)]` for `model.run_with_hooks(..., fwd_hooks=...)` or
         `with model.hooks(fwd_hooks=...)`: the same additions as `apply`, as stateless
         TransformerLens hooks for forwards without a KV cache ("last", "all" or ("from", i)).
@@ -149,6 +162,7 @@ class Schedule:
 
         check_model(model)
         self.check_for(model)
+        self.check_identity(model, allow_other_model=allow_other_model)
         return steering_hooks(
             model, self._model_additions(model), positions=positions, lengths=lengths
         )
@@ -166,6 +180,13 @@ class Schedule:
                 f"model has L={L}, d_model={H}"
             )
 
+    def check_identity(self, model, *, allow_other_model: bool = False) -> None:
+        """OtherModelError if this schedule records another model's weight fingerprint (same
+        shape, different weights), unless `allow_other_model`; no record: no check."""
+        check_model_meta(
+            self.meta, model, None, allow_other_model=allow_other_model, what="schedule"
+        )
+
     # ------------------------------------------------------------- persistence
     def save(self, path) -> None:
         """safetensors (amplitudes, unit, scale) + JSON metadata."""
@@ -175,18 +196,38 @@ class Schedule:
         save_tensors(path, "Schedule", tensors, self.meta)
 
     @classmethod
-    def load(cls, path, model=None) -> Schedule:
-        """Load a saved schedule; with `model`, refuse one made for another model shape."""
+    def load(cls, path, model=None, *, allow_other_model: bool = False) -> Schedule:
+        """Load a saved schedule; every tensor's shape, dtype and finiteness is checked against
+        the metadata. With `model`, refuse one made for another model shape, or for another
+        model of the same shape (weight fingerprint; `allow_other_model=True` to use it
+        anyway)."""
         t, meta = load_tensors(path, "Schedule")
         if not {"amplitudes", "unit", "scale"} <= set(t):
             raise FileFormatError(f"{str(path)!r}: Schedule file lacks amplitudes/unit/scale")
+        check_unexpected(path, "Schedule", t, {"amplitudes", "unit", "scale", "readout"})
         if model is not None:
-            check_model_meta(meta, model.cfg, path)
-            check_model_meta(
-                {"n_layers": t["amplitudes"].shape[-1], "d_model": t["unit"].shape[-1]},
-                model.cfg,
-                path,
+            check_model_meta(meta, model, path, allow_other_model=allow_other_model)
+        a = t["amplitudes"]
+        if a.ndim not in (1, 2):
+            raise FileFormatError(
+                f"{str(path)!r}: tensor 'amplitudes' has shape {list(a.shape)}, expected [L] or "
+                "[k, L]"
             )
+        lead = tuple(a.shape[:-1])
+        L = meta_int(meta, "n_layers", path, min=1)
+        H = meta_int(meta, "d_model", path, min=1)
+        L = a.shape[-1] if L is None else L
+        check_tensor(path, "unit", t["unit"], (*lead, L, None))
+        H = t["unit"].shape[-1] if H is None else H
+        check_tensor(path, "amplitudes", a, (*lead, L))
+        check_tensor(path, "unit", t["unit"], (*lead, L, H))
+        check_tensor(path, "scale", t["scale"], (*lead, L))
+        if not (t["scale"] > 0).all():
+            raise FileFormatError(f"{str(path)!r}: tensor 'scale' has values <= 0")
+        if "readout" in t:
+            check_tensor(path, "readout", t["readout"], (*lead, H))
+        if model is not None:
+            check_model_meta({"n_layers": L, "d_model": H}, model.cfg, path)
         return cls(t["amplitudes"], t["unit"], t["scale"], meta, t.get("readout"))
 
     def to_llama_cpp(self, path, *, model_hint: str | None = None) -> Path:

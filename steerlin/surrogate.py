@@ -15,8 +15,19 @@ from .errors import FileFormatError, InputError, ShapeError
 from .fit_inputs import FitInputs, resolve_inputs, split_labelled
 from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
 from .identify import fit_core, identity_reduce, observability_grams
-from .io import check_model_meta, load_tensors, model_meta, save_tensors
+from .io import (
+    ANY_FLOAT_DTYPES,
+    check_model_meta,
+    check_number_list,
+    check_tensor,
+    check_unexpected,
+    load_tensors,
+    meta_int,
+    model_meta,
+    save_tensors,
+)
 from .readouts import Readout, make_readout
+from .validate import check_distinct_tokens, check_int, check_number
 
 Basis = Literal["krylov", "two-sided", "observable", "pod", "random"]
 Variant = Literal["per-prompt", "paper"]
@@ -187,11 +198,12 @@ class Surrogate:
         The fitted `Surrogate.directions` holds the directions used, for `scan_gains`,
         `exact_gains` and friends.
         """
+        d = check_int("d", d)
         return cls._fit_many(
             model,
             prompts,
             directions,
-            orders=[int(d)],
+            orders=[d],
             basis=basis,
             readout=readout,
             variant=variant,
@@ -204,7 +216,7 @@ class Surrogate:
             engine=engine,
             context_memory=context_memory,
             label_names=label_names,
-        )[int(d)]
+        )[d]
 
     @classmethod
     def fit_orders(
@@ -221,7 +233,9 @@ class Surrogate:
         with the same seed. "pod" is not nested (its statistic depends on the basis) and is
         fitted once per order. Keyword arguments are those of `fit` (`directions=` included).
         """
-        orders = sorted({int(o) for o in orders})
+        if isinstance(orders, str) or not isinstance(orders, Sequence | range | set):
+            raise InputError(f"orders: expected a list of reduced orders d, got {orders!r}")
+        orders = sorted({check_int("orders", o) for o in orders})
         if not orders:
             raise InputError("orders: expected at least one reduced order d")
         if kwargs.get("basis", DEFAULT_BASIS) == "pod":
@@ -250,19 +264,28 @@ class Surrogate:
         label_names: Sequence[str] | None = None,
     ) -> dict[int, Surrogate]:
         """`fit` at max(orders), one Surrogate per order (see `fit_orders`)."""
-        if not (isinstance(context_memory, int) and context_memory >= 0):
-            raise InputError(
-                f"context_memory: expected a number of bytes >= 0, got {context_memory!r}"
-            )
-        d = max(orders)
+        context_memory = check_int("context_memory", context_memory, min=0)
         check_model(model)
+        orders = [check_int("d", o) for o in orders]
+        d = max(orders)
         for o in orders:
-            if not 1 <= int(o) <= model.cfg.d_model:
+            if not 1 <= o <= model.cfg.d_model:
                 raise InputError(f"d: expected 1 <= d <= d_model={model.cfg.d_model}, got {o}")
+        batch_size = check_int("batch_size", batch_size, min=1)
+        seed = check_int("seed", seed)
+        concept_fraction = check_number("concept_fraction", concept_fraction)
+        if not 0 < concept_fraction < 1:
+            raise InputError(
+                f"concept_fraction: expected a share strictly between 0 and 1, got "
+                f"{concept_fraction:g}"
+            )
         if basis not in BASES:
             raise InputError(f"basis: expected one of {BASES}, got {basis!r}")
         if variant not in VARIANTS:
             raise InputError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        if isinstance(readout, str) and readout == "logits":  # before any fitting work
+            early = make_readout(model, readout, None, label_words=label_words)
+            check_distinct_tokens("label_words", early.pos_token, early.neg_token, label_words)
         inputs = resolve_inputs(
             prompts, labels_needed=directions is None, seed=seed, concept_fraction=concept_fraction
         )
@@ -289,6 +312,7 @@ class Surrogate:
                 "surrogate needs a non-zero unit_l for l >= 1"
             )
         rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
+        check_distinct_tokens("label_words", rd.pos_token, rd.neg_token, label_words)
         reduce = identity_reduce
         if distributed:
             from .distributed import all_reduce_sum, shard_prompts
@@ -388,24 +412,83 @@ class Surrogate:
         save_tensors(path, "Surrogate", tensors, meta)
 
     @classmethod
-    def load(cls, path, model: Model | None = None) -> Surrogate:
-        """Load a saved surrogate; with `model`, refuse one fitted on another model shape."""
+    def load(
+        cls, path, model: Model | None = None, *, allow_other_model: bool = False
+    ) -> Surrogate:
+        """Load a saved surrogate; every tensor's shape, dtype and finiteness is checked against
+        the metadata and the other tensors. With `model`, refuse one fitted on another model
+        shape, or on another model of the same shape (weight fingerprint;
+        `allow_other_model=True` to use it anyway)."""
         t, meta = load_tensors(path, "Surrogate")
         need = {"P", "A", "B", "c", "gains", "gains_paper", "gains_std"}
         if not need <= set(t):
             raise FileFormatError(
                 f"{str(path)!r}: Surrogate file lacks tensors {sorted(need - set(t))}"
             )
+        dir_keys = {"dir_vectors", "dir_unit", "dir_scale"}
+        check_unexpected(path, "Surrogate", t, need | dir_keys | {"gains_identity", "hankel"})
         if model is not None:
-            check_model_meta(meta, model.cfg, path)
-            check_model_meta(
-                {"n_layers": t["P"].shape[0] - 1, "d_model": t["P"].shape[1]}, model.cfg, path
+            check_model_meta(meta, model, path, allow_other_model=allow_other_model)
+        check_tensor(path, "P", t["P"], (None, None, None))
+        L = meta_int(meta, "n_layers", path, min=1)
+        H = meta_int(meta, "d_model", path, min=1)
+        d = meta_int(meta, "d", path, min=1)
+        L = t["P"].shape[0] - 1 if L is None else L
+        H = t["P"].shape[1] if H is None else H
+        d = t["P"].shape[2] if d is None else d
+        shapes = {
+            "P": (L + 1, H, d),
+            "A": (L, d, d),
+            "B": (L, d),
+            "c": (d,),
+            "gains": (L,),
+            "gains_paper": (L,),
+            "gains_std": (L,),
+            "gains_identity": (L,),
+            "hankel": (None, None),
+        }
+        for name, shape in shapes.items():
+            if name in t:
+                check_tensor(path, name, t[name], shape)
+        if "scale" in meta:
+            check_number_list(path, "scale", meta["scale"], L)
+        sep = meta.get("separation")
+        if sep is not None:
+            value = sep.get("value") if isinstance(sep, dict) else sep
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (value == value and abs(value) != float("inf"))
+            ):
+                raise FileFormatError(
+                    f"{str(path)!r}: metadata 'separation' should hold a finite number, got {sep!r}"
+                )
+        if "variant" in meta and meta["variant"] not in VARIANTS:
+            raise FileFormatError(
+                f"{str(path)!r}: metadata 'variant' should be one of {VARIANTS}, "
+                f"got {meta['variant']!r}"
             )
+        rd = meta.get("readout")
+        if rd is not None and not (
+            isinstance(rd, dict) and rd.get("kind") in ("concept", "logits")
+        ):
+            raise FileFormatError(f"{str(path)!r}: metadata 'readout' is not a readout, {rd!r}")
+        if model is not None:
+            check_model_meta({"n_layers": L, "d_model": H}, model.cfg, path)
         dirs = None
-        if {"dir_vectors", "dir_unit", "dir_scale"} <= set(t):
-            dirs = ConceptDirections(
-                t["dir_vectors"], t["dir_unit"], t["dir_scale"], meta.pop("directions_meta", {})
-            )
+        if dir_keys & set(t):
+            if not dir_keys <= set(t):
+                raise FileFormatError(
+                    f"{str(path)!r}: Surrogate file has some directions tensors but lacks "
+                    f"{sorted(dir_keys - set(t))}"
+                )
+            for name in ("dir_vectors", "dir_unit"):
+                check_tensor(path, name, t[name], (L + 1, H), dtypes=ANY_FLOAT_DTYPES)
+            check_tensor(path, "dir_scale", t["dir_scale"], (L + 1,), dtypes=ANY_FLOAT_DTYPES)
+            dmeta = meta.pop("directions_meta", {})
+            if not isinstance(dmeta, dict):
+                raise FileFormatError(f"{str(path)!r}: metadata 'directions_meta' is not a dict")
+            dirs = ConceptDirections(t["dir_vectors"], t["dir_unit"], t["dir_scale"], dmeta)
         extra = {k: t[k] for k in ("gains_identity", "hankel") if k in t}
         return cls(**{k: t[k] for k in need}, meta=meta, directions=dirs, **extra)
 

@@ -19,6 +19,7 @@ from . import backend
 from .backend import Model, check_model
 from .errors import InputError, NonFiniteError, ShapeError
 from .hooks import resid_post_name, resid_pre_name
+from .validate import check_int
 
 PromptsLike = Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -90,8 +91,7 @@ def iter_batches(
     device: str | torch.device = "cpu",
 ) -> Iterator[Batch]:
     """Right-padded batches of prompts sorted by length (longest first)."""
-    if batch_size < 1:
-        raise InputError(f"batch_size: expected >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, min=1)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]

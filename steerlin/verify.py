@@ -20,12 +20,13 @@ from .backend import Model, check_model
 from .control import Controller
 from .directions import ConceptDirections
 from .errors import InputError, NonFiniteError, UnreachableTargetError
-from .frozen import ContextPool, iter_contexts
+from .frozen import ContextPool, compute_dtype, iter_contexts
 from .gains import METHODS
 from .hooks import inject, resid_post_name
 from .readouts import Readout, make_readout
 from .regime import bisect_multiplier
 from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
+from .validate import check_distinct_tokens, check_int, check_number, check_schedule
 
 
 def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
@@ -48,7 +49,9 @@ def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
             for k in kinds
         ]
     if readout == "logits":
-        return [make_readout(model, "logits", None, label_words=label_words)]
+        rd = make_readout(model, "logits", None, label_words=label_words)
+        check_distinct_tokens("label_words", rd.pos_token, rd.neg_token, label_words)
+        return [rd]
     raise InputError(
         "readout: the schedule carries no readout direction; pass readout=ConceptDirections, "
         "a direction tensor or a Readout"
@@ -58,11 +61,12 @@ def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
 def _shift_contexts(model, contexts, vectors, readouts, alphas) -> torch.Tensor:
     """Mean readout shifts [m, r] for schedule multipliers `alphas` (cached single-token path;
     `contexts`: any iterable of frozen contexts, e.g. streamed batch by batch)."""
-    alphas = torch.as_tensor(alphas, dtype=model.cfg.dtype, device=model.cfg.device)
+    dt = compute_dtype(model)  # float32 for a half-precision model (its maps' dtype)
+    alphas = torch.as_tensor(alphas, dtype=dt, device=model.cfg.device)
     m = alphas.shape[0]
     total = torch.zeros(m, len(readouts), dtype=torch.float64)
     n = 0
-    vec = vectors.to(device=model.cfg.device, dtype=model.cfg.dtype)
+    vec = vectors.to(device=model.cfg.device, dtype=dt)
     active = (vec != 0).any(-1)
     with torch.no_grad():
         for ctx in contexts:
@@ -121,9 +125,11 @@ def measure_shift(
 
     engine: the frozen-context engine of method="cached" (see `steerlin.frozen`)."""
     check_model(model)
+    check_schedule("schedule", schedule)
     schedule.check_for(model)
     if method not in METHODS:
         raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    batch_size = check_int("batch_size", batch_size, min=1)
     rds = _schedule_readout(model, schedule, readout, label_words)
     if method == "hooks":
         return _shift_hooks(model, prompts, schedule, rds, 1.0, batch_size)
@@ -170,10 +176,16 @@ def calibrate(
     be a `ContextPool` already built (method="cached"), to calibrate several schedules on it.
     """
     check_model(model)
+    check_schedule("schedule", schedule)
     schedule.check_for(model)
-    target = float(target)
-    if not math.isfinite(target) or target == 0:
+    target = check_number("target", target)
+    if target == 0:
         raise InputError(f"target: expected a finite non-zero shift, got {target}")
+    tol = check_number("tol", tol, positive=True)
+    max_multiplier = check_number("max_multiplier", max_multiplier, min=1.0)
+    max_evaluations = check_int("max_evaluations", max_evaluations, min=1)
+    batch_size = check_int("batch_size", batch_size, min=1)
+    context_memory = check_int("context_memory", context_memory, min=0)
     if method not in METHODS:
         raise InputError(f"method: expected one of {METHODS}, got {method!r}")
     if not schedule.layers:
@@ -224,6 +236,9 @@ def compare_energy(
     `n_random` seeded draws and a median row. A strategy that cannot reach the target keeps
     its row with energy = inf and the error message.
     """
+    n_random = check_int("n_random", n_random, min=0)
+    tol = check_number("tol", tol, positive=True)
+    batch_size = check_int("batch_size", batch_size, min=1)
     ctrl = Controller(surrogate, target, units="raw", layers=layers, seed=seed)
     plans = [("llv", ctrl.schedule)]
     for kind in baselines:

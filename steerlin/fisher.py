@@ -26,7 +26,7 @@ from . import backend
 from .backend import check_model
 from .energy import Metric
 from .errors import InputError
-from .frozen import FrozenContext, iter_contexts
+from .frozen import FrozenContext, compute_dtype, iter_contexts
 from .trajectory import PromptsLike
 
 F64 = torch.float64
@@ -128,7 +128,7 @@ def _injections(model, directions) -> torch.Tensor:
         )
     if b.shape != (L, model.cfg.d_model):
         raise InputError(f"directions: injection vectors {tuple(b.shape)} do not fit the model")
-    return b.to(model.cfg.dtype)
+    return b.to(compute_dtype(model))
 
 
 def frozen_kl(

@@ -21,11 +21,21 @@ Two engines evaluate f_l (`engine=` on every function that builds contexts):
     "tl"    TransformerLens's own block on its `past_kv_cache_entry` path: the reference.
     "auto"  (default) "fast" when the engine implements every feature of the model, else "tl".
 Both give the same numbers to float round-off (tests/test_engine.py).
+
+Half-precision models (bfloat16/float16) are computed in float32 one block at a time
+(`BlockUpcast`): the context is one layer-by-layer float32 forward (embeddings summed in
+float32, each block run as a float32 copy of only that block, released before the next), its
+keys/values and states are kept in float32 (they are the maps' constants: rounding them to 8
+bits would put a bf16 error into every Jacobian), and every later single-token call runs
+against the float32 copy of its block. A bf16 model's maps are thus a float32 model's maps
+with bf16-rounded weights, without a float32 copy of the model (tests/test_bf16.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +89,7 @@ def _fast_unsupported(model: Model) -> str | None:
     """Why the fast engine cannot run `model` (None: it can)."""
     if backend.get(model).name != "hooked":
         return f"the fast engine drives HookedTransformer models only, not {type(model).__name__}"
-    if model.cfg.dtype not in JVP_DTYPES:
+    if model.cfg.dtype not in JVP_DTYPES + HALF_DTYPES:
         return f"dtype {model.cfg.dtype} (the fast engine computes in float32/float64)"
     what = _fast.unsupported_feature(model)
     return None if what is None else f"{what} is not implemented for {model.cfg.model_name!r}"
@@ -101,6 +111,8 @@ class FrozenContext:
             appended last token at index T; 0 on the left padding.
         kv: the fast engine's prepared context (`steerlin.backend.fast.FastKV`), or None on
             the TransformerLens path.
+        upcast: for a bf16/fp16 model, the float32 block copies every call runs on
+            (`BlockUpcast`; states, keys and values are then float32); None otherwise.
     """
 
     model: Model
@@ -113,6 +125,10 @@ class FrozenContext:
 
     engine: Backend | None = field(default=None, repr=False, compare=False)
     kv: _fast.FastKV | None = field(default=None, repr=False, compare=False)
+    upcast: BlockUpcast | None = field(default=None, repr=False, compare=False)
+
+    def _module(self, layer: int):
+        return None if self.upcast is None else self.upcast.block(layer)
 
     def __post_init__(self) -> None:
         if self.engine is None:  # the backend that runs this model's blocks
@@ -127,6 +143,16 @@ class FrozenContext:
         """f_layer(x): a pure single-token pass of block `layer` against the frozen context."""
         if self.kv is not None:
             return _fast.block(self.model, self.kv, layer, x)
+        if self.upcast is not None:
+            return self.engine.block(
+                self.model,
+                layer,
+                x,
+                self.keys[layer],
+                self.values[layer],
+                self.mask,
+                module=self._module(layer),
+            )
         return self.engine.block(
             self.model, layer, x, self.keys[layer], self.values[layer], self.mask
         )
@@ -153,6 +179,7 @@ class FrozenContext:
         if k == 1:
             return self.block(layer, z[:, 0])[:, None]
         rep = lambda t: t.repeat_interleave(k, 0)
+        extra = {} if self.upcast is None else {"module": self._module(layer)}
         out = self.engine.block(
             self.model,
             layer,
@@ -160,6 +187,7 @@ class FrozenContext:
             rep(self.keys[layer]),
             rep(self.values[layer]),
             rep(self.mask),
+            **extra,
         )
         return out.reshape(b, k, H)
 
@@ -253,15 +281,53 @@ def build_context(
     (prepared once for the fast engine: see the module docstring for `engine`)."""
     name = resolve_engine(model, engine)
     be = backend.get(model)
-    kv = be.build_context(model, tokens, lengths, state_hook_names(model.cfg.n_layers))
     if index is None:
         index = torch.arange(tokens.shape[0])
+    up = upcaster(model)
+    if up is not None:
+        return _build_upcast(model, tokens, lengths, index, name, up)
+    kv = be.build_context(model, tokens, lengths, state_hook_names(model.cfg.n_layers))
     if name == "tl":
         return FrozenContext(model, index, lengths, kv.states, kv.keys, kv.values, kv.mask, be)
     states, mask, keys, values = kv.states, kv.mask, list(kv.keys), list(kv.values)
     del kv  # the lists hold the only references: prepare releases each block's as it goes
     fkv = _fast.prepare(model, keys, values, mask, release=True)
     return FrozenContext(model, index, lengths, states, fkv.keys, fkv.values, mask, be, fkv)
+
+
+def _build_upcast(model, tokens, lengths, index, name: str, up: BlockUpcast) -> FrozenContext:
+    """`build_context` for a half-precision model: a float32 forward one block at a time
+    (each block's float32 copy builds its keys/values, prepared at once for the fast engine,
+    then released), the states, keys and values kept in float32."""
+    be = backend.get(model)
+    L, H = model.cfg.n_layers, model.cfg.d_model
+    rows = torch.arange(len(tokens), device=tokens.device)
+    last = lengths.to(tokens.device) - 1
+    resid = be.embed(model, tokens, dtype=up.dtype)
+    states = torch.empty(len(tokens), L + 1, H, dtype=up.dtype, device=resid.device)
+    states[:, 0] = resid[rows, last]
+    keys: list[torch.Tensor | None] = [None] * L
+    values: list[torch.Tensor | None] = [None] * L
+    parts, mask = [], None
+    for layer in range(L):
+        out, k, v, mask = be.block_context(model, layer, resid, lengths, module=up.block(layer))
+        states[:, layer + 1] = out[rows, last]
+        if name == "fast":
+            ks: list[torch.Tensor | None] = [None] * L
+            vs: list[torch.Tensor | None] = [None] * L
+            ks[layer], vs[layer] = k, v
+            del k, v
+            part = _fast.prepare(model, ks, vs, mask, release=True, upcast=up)
+            keys[layer], values[layer] = part.keys[layer], part.values[layer]
+            parts.append(part)
+        else:
+            keys[layer], values[layer] = k, v
+        resid = out
+    del resid
+    fkv = _fast.merge(parts) if name == "fast" else None
+    return FrozenContext(
+        model, index, lengths, states, tuple(keys), tuple(values), mask, be, fkv, up
+    )
 
 
 class LayerwiseContext:
@@ -296,8 +362,9 @@ class LayerwiseContext:
         self.lengths = lengths
         self.index = index
         L, H = model.cfg.n_layers, model.cfg.d_model
+        self.upcast = upcaster(model)
         self.states = torch.zeros(
-            len(tokens), L + 1, H, dtype=model.cfg.dtype, device=tokens.device
+            len(tokens), L + 1, H, dtype=compute_dtype(model), device=tokens.device
         )
         self._rows = torch.arange(len(tokens), device=tokens.device)
         self._last = lengths.to(tokens.device) - 1
@@ -308,14 +375,21 @@ class LayerwiseContext:
     def _goto(self, layer: int) -> FrozenContext:
         if layer == self._layer and self._ctx is not None:
             return self._ctx
+        up = self.upcast
         if layer <= self._layer or self._resid is None:
-            self._resid = self.engine.embed(self.model, self.tokens)
+            if up is None:
+                self._resid = self.engine.embed(self.model, self.tokens)
+            else:
+                self._resid = self.engine.embed(self.model, self.tokens, dtype=up.dtype)
             self._layer = -1
             self.states[:, 0] = self._resid[self._rows, self._last]
         while self._layer < layer:
             nxt = self._layer + 1
             self._ctx = None  # free the previous block's K/V before building the next
-            out, k, v, mask = self.engine.block_context(self.model, nxt, self._resid, self.lengths)
+            extra = {} if up is None else {"module": up.block(nxt)}
+            out, k, v, mask = self.engine.block_context(
+                self.model, nxt, self._resid, self.lengths, **extra
+            )
             self.states[:, nxt + 1] = out[self._rows, self._last]
             keys = [None] * self.n_layers
             values = [None] * self.n_layers
@@ -323,7 +397,7 @@ class LayerwiseContext:
             del k, v
             fkv = None
             if self.engine_name == "fast":
-                fkv = _fast.prepare(self.model, keys, values, mask, release=True)
+                fkv = _fast.prepare(self.model, keys, values, mask, release=True, upcast=up)
                 keys, values = fkv.keys, fkv.values
             self._ctx = FrozenContext(
                 self.model,
@@ -335,6 +409,7 @@ class LayerwiseContext:
                 mask,
                 self.engine,
                 fkv,
+                up,
             )
             self._resid = out
             self._layer = nxt
@@ -453,24 +528,131 @@ def layerwise_contexts(
 
 
 JVP_DTYPES = (torch.float32, torch.float64)
+#: dtypes whose frozen maps are computed in float32 one block at a time (`BlockUpcast`)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(model: Model) -> torch.dtype:
+    """The dtype the frozen maps, their JVPs/VJPs and the contexts' states compute in: the
+    model's for float32/float64, float32 for a bfloat16/float16 model (`BlockUpcast`)."""
+    dt = model.cfg.dtype
+    return dt if dt in JVP_DTYPES else torch.float32
 
 
 def check_jvp_dtype(model: Model) -> None:
-    """InputError unless the model computes in float32 or float64.
+    """InputError unless the frozen maps can be computed for the model's dtype.
 
     The frozen-context maps, their JVPs and the gain scans difference and differentiate block
     outputs; in bfloat16/float16 (8-11 bit mantissas) a JVP or an eps = 0.1 central difference
-    is mostly rounding. steerlin does not upcast your model for you (that copies every weight):
-    load it in float32 (`load_model(name, dtype=torch.float32)`, the default) or pass a float32
-    copy (`copy.deepcopy(model).to(torch.float32)`); hooks and `capture` work in any dtype.
+    would be mostly rounding. float32/float64 models compute in their dtype; bfloat16/float16
+    models in float32, one block's float32 copy at a time (`BlockUpcast`: no float32 copy of
+    the model); any other dtype is refused.
     """
     dt = model.cfg.dtype
-    if dt not in JVP_DTYPES:
+    if dt in JVP_DTYPES:
+        return
+    if dt not in HALF_DTYPES:
         raise InputError(
-            f"model: dtype {dt} is too coarse for Jacobian-vector products and gain scans "
-            "(they need float32 or float64); pass a float32 copy, e.g. "
+            f"model: dtype {dt} is not supported for Jacobian-vector products and gain scans "
+            "(float32/float64, or bfloat16/float16 computed in float32 block by block)"
+        )
+    be = backend.get(model)
+    if type(be).upcast_block is backend.Backend.upcast_block:
+        raise InputError(
+            f"model: dtype {dt}: the {be.name!r} backend cannot compute a half-precision "
+            "model's blocks in float32; pass a float32 copy, e.g. "
             "copy.deepcopy(model).to(torch.float32), or load_model(name, dtype=torch.float32)"
         )
+
+
+class BlockUpcast:
+    """float32 copies of a bfloat16/float16 model's blocks, `keep` blocks at a time.
+
+    `block(layer)` returns a copy of block `layer` computing in float32 (the backend's
+    `upcast_block`: weights cast, rotary tables recomputed in float32, no hooks), built on first
+    use and dropped when another block is asked for (least recently used beyond `keep`), so at
+    most `keep` blocks exist in float32 at once: memory one block in float32, never the model.
+    A copy is rebuilt if the block's weights were edited in place. `derived(layer, name,
+    build)` caches build(copy) with the copy (the fast engine's fused weights). One instance
+    is shared per model by every live context (`upcaster`); it goes with the last of them.
+    """
+
+    def __init__(self, model: Model, dtype: torch.dtype = torch.float32, keep: int = 1):
+        self.model, self.dtype, self.keep = model, dtype, keep
+        self._cache: OrderedDict[int, tuple[tuple, torch.nn.Module, dict]] = OrderedDict()
+
+    def _key(self, layer: int) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.model.blocks[layer].parameters())
+
+    def block(self, layer: int) -> torch.nn.Module:
+        key = self._key(layer)
+        hit = self._cache.get(layer)
+        if hit is not None and hit[0] == key:
+            self._cache.move_to_end(layer)
+            return hit[1]
+        self._cache.pop(layer, None)
+        while len(self._cache) >= self.keep:  # release before building the next copy
+            self._cache.popitem(last=False)
+        mod = backend.get(self.model).upcast_block(self.model, layer, self.dtype)
+        _track(list(mod.parameters()) + list(mod.buffers()))
+        self._cache[layer] = (key, mod, {})
+        return mod
+
+    def derived(self, layer: int, name: str, build: Callable[[torch.nn.Module], object]):
+        mod = self.block(layer)
+        extras = self._cache[layer][2]
+        if name not in extras:
+            extras[name] = build(mod)
+            parts = extras[name].__dict__.values() if hasattr(extras[name], "__dict__") else ()
+            _track([t for t in parts if isinstance(t, torch.Tensor)])
+        return extras[name]
+
+    def release(self) -> None:
+        """Drop every float32 copy now."""
+        self._cache.clear()
+
+
+_UPCASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LIVE = {"bytes": 0, "peak": 0}
+
+
+def _track(tensors: list[torch.Tensor]) -> None:
+    """Count the bytes of float32 copies alive (upcast_stats), freed when each tensor is."""
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) in seen or t.dtype not in JVP_DTYPES:
+            continue
+        seen.add(id(t))
+        n = t.untyped_storage().nbytes()
+        _LIVE["bytes"] += n
+        _LIVE["peak"] = max(_LIVE["peak"], _LIVE["bytes"])
+        weakref.finalize(t, _untrack, n)
+
+
+def _untrack(n: int) -> None:
+    _LIVE["bytes"] -= n
+
+
+def upcast_stats(reset: bool = False) -> dict[str, int]:
+    """Bytes of float32 block copies alive now ("bytes") and at most so far ("peak");
+    `reset` starts the peak again from now (tests and benchmarks: no float32 model copy)."""
+    out = {"bytes": _LIVE["bytes"], "peak": _LIVE["peak"]}
+    if reset:
+        _LIVE["peak"] = _LIVE["bytes"]
+    return out
+
+
+def upcaster(model: Model) -> BlockUpcast | None:
+    """The model's shared `BlockUpcast` (None for a float32/float64 model)."""
+    if model.cfg.dtype in JVP_DTYPES:
+        return None
+    check_jvp_dtype(model)
+    ref = _UPCASTS.get(model)
+    up = ref() if ref is not None else None
+    if up is None:
+        up = BlockUpcast(model, compute_dtype(model))
+        _UPCASTS[model] = weakref.ref(up)
+    return up
 
 
 def iter_contexts(
@@ -500,9 +682,14 @@ __all__ = [
     "FrozenContext",
     "LayerwiseContext",
     "build_context",
+    "BlockUpcast",
+    "HALF_DTYPES",
     "check_jvp_dtype",
+    "compute_dtype",
     "context_nbytes",
     "iter_contexts",
     "layerwise_contexts",
     "resolve_engine",
+    "upcast_stats",
+    "upcaster",
 ]

@@ -17,7 +17,7 @@ from . import backend
 from .backend import Model, check_model
 from .directions import ConceptDirections
 from .errors import InputError, NonFiniteError
-from .frozen import FrozenContext, iter_contexts
+from .frozen import FrozenContext, compute_dtype, iter_contexts
 from .hooks import check_layer, inject, resid_post_name
 from .readouts import Readout, make_readout
 from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
@@ -43,8 +43,14 @@ def state_gradients(
     These are the readout gradient propagated backwards, w_l = A_lᵀ w_{l+1} (the
     observability vectors of the two-sided basis), and the exact gains are ⟨w_l, b_l⟩.
     A non-finite block output or gradient raises NonFiniteError prefixed by `what`.
+
+    For a half-precision model (`ctx.upcast`) the same gradients come from the per-layer VJP
+    recursion at the clean states, one block at a time: a backward through the whole chain
+    would keep every block's float32 copy alive in the autograd graph (a float32 model copy).
     """
     L, st = ctx.n_layers, ctx.states
+    if getattr(ctx, "upcast", None) is not None:
+        return _blockwise_state_gradients(ctx, readout, what)
     with torch.enable_grad():
         u = torch.zeros(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
         u.requires_grad_(True)
@@ -60,6 +66,26 @@ def state_gradients(
     if bad:
         raise NonFiniteError(f"{what} at layers {bad}")
     return W.detach()
+
+
+def _blockwise_state_gradients(ctx, readout: Readout, what: str) -> torch.Tensor:
+    """state_gradients by w_L = ∇y(x_L), w_l = A_lᵀ w_{l+1}: one VJP per block at x_l."""
+    L, st = ctx.n_layers, ctx.states
+    W = torch.empty(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
+    w = readout.gradient(ctx.model, st[:, -1]).to(st.dtype)
+    with torch.enable_grad():
+        for layer in range(L - 1, -1, -1):
+            x = st[:, layer].detach().requires_grad_(True)
+            y = ctx.block(layer, x)
+            if not torch.isfinite(y).all():
+                raise NonFiniteError(
+                    f"{what} at layer {layer}: the single-token block's output is not finite"
+                )
+            (w,) = torch.autograd.grad(y, x, w)
+            if not torch.isfinite(w).all():
+                raise NonFiniteError(f"{what} at layers [{layer}]")
+            W[:, layer] = w
+    return W
 
 
 def per_prompt_gains(
@@ -140,7 +166,7 @@ def scan_gains(
     L = model.cfg.n_layers
     layers = _layers(layers, L)
     rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
-    b = directions.b[:L].to(device=model.cfg.device, dtype=model.cfg.dtype)
+    b = directions.b[:L].to(device=model.cfg.device, dtype=compute_dtype(model))
     total = torch.zeros(len(layers), 2, dtype=torch.float64)
     n = 0
     if method == "cached":
@@ -208,7 +234,7 @@ def exact_gains(
     directions.check_for(model)
     L = model.cfg.n_layers
     rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
-    b = directions.b[:L].to(device=model.cfg.device, dtype=model.cfg.dtype)
+    b = directions.b[:L].to(device=model.cfg.device, dtype=compute_dtype(model))
     rows: list[torch.Tensor] = []
     index: list[torch.Tensor] = []
     contexts = iter_contexts(

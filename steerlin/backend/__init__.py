@@ -26,7 +26,12 @@ A backend is an object with these methods (model first, tensors on the model's d
         block `layer` applied to one appended token per row against the frozen keys/values
         (the single-token map f_l); pure and differentiable (used under torch.func.jvp/vmap).
     logits(model, x[..., H], tokens) -> [..., len(tokens)]
-        the final norm, the unembedding columns `tokens` and the model's logit soft-cap.
+        the final norm, the unembedding columns `tokens` and the model's logit soft-cap
+        (computed in x's dtype for a half-precision model given float32 states).
+    upcast_block(model, layer, dtype) -> module
+        a copy of block `layer` computing in `dtype`, for half-precision (bf16/fp16) models:
+        `embed(..., dtype=)`, `block_context(..., module=)` and `block(..., module=)` then run
+        the frozen maps in float32 one block at a time (`steerlin.frozen.BlockUpcast`).
     hooks(model, fwd_hooks) -> context manager
         forward hooks [(hook name, fn(resid, hook) -> resid | None)] live while open, removed
         on exit and on any exception; nested contexts remove only their own hooks.
@@ -108,6 +113,9 @@ class Backend:
         raise NotImplementedError
 
     def logits(self, model, x: torch.Tensor, tokens: Sequence[int] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def upcast_block(self, model, layer: int, dtype: torch.dtype) -> torch.nn.Module:
         raise NotImplementedError
 
     def hooks(self, model, fwd_hooks) -> AbstractContextManager:

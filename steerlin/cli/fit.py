@@ -19,6 +19,7 @@ from .steps import (
     _encode_splits,
     _label_words,
     _load_model,
+    _precheck,
     _splits,
 )
 
@@ -28,6 +29,7 @@ def cmd_fit(args) -> int:
     from ..surrogate import Surrogate
     from ..trajectory import capture
 
+    _precheck(args, [args.task])
     run = Run(args, "fit", "steerlin-fit")
     model = _load_model(args, run)
     with run.timed("data"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .common import (
@@ -30,6 +31,9 @@ def cmd_generate(args) -> int:
             recorded = json.loads(cand.read_text()).get("config", {})
             if recorded.get("model"):
                 break
+    Schedule.load(sched_path)  # the file is checked before the model loads, then against it
+    if not math.isfinite(args.scale):
+        raise CliError(f"--scale: expected a finite number, got {args.scale}")
     run = Run(args, "generate", sched_path.parent / "generate")
     model = _load_model(args, run, recorded)
     if model.tokenizer is None:

@@ -25,6 +25,7 @@ from .steps import (
     _fidelity,
     _label_words,
     _load_model,
+    _precheck,
     _splits,
     _subset,
 )
@@ -33,9 +34,10 @@ from .steps import (
 def cmd_reproduce(args) -> int:
     from .. import plots
 
+    tasks = _csv(args.tasks, what="--tasks")
+    _precheck(args, tasks)
     run = Run(args, "reproduce", "steerlin-reproduce")
     model = _load_model(args, run)
-    tasks = _csv(args.tasks, what="--tasks")
     all_fid, all_energy, per_task = [], [], {}
     for name in tasks:
         print(f"\n=== task {name} ===", flush=True)

@@ -23,6 +23,9 @@ def cmd_scan(args) -> int:
     from ..surrogate import Surrogate
 
     fit_dir, cfg, split_rec = _fit_record(args.fit_dir)
+    # the files are checked before the model loads, then against it
+    ConceptDirections.load(fit_dir / "directions.safetensors")
+    Surrogate.load(fit_dir / "surrogate.safetensors")
     run = Run(args, "scan", fit_dir / "scan")
     model = _load_model(args, run, cfg)
     dirs = ConceptDirections.load(fit_dir / "directions.safetensors", model)

@@ -8,7 +8,7 @@ import json
 from ..steer_eval import STRATEGIES
 from .common import Run
 from .options import _positive_int
-from .steps import _data_dir, _load_model
+from .steps import _data_dir, _load_model, _precheck
 
 
 def cmd_steer_eval(args) -> int:
@@ -19,6 +19,7 @@ def cmd_steer_eval(args) -> int:
         args.strategies, args.strengths, args.tokens, args.seeds = "min-norm,min-kl", "1", 8, 1
         args.sizes, args.d = "32,16", 8
     args.data_dir = _data_dir(args)
+    _precheck(args, [t for t in args.tasks.split(",") if t.strip()])
     run = Run(args, "steer-eval", "steerlin-steer-eval")
     model = _load_model(args, run)
     res = run.results.setdefault("tasks", {})

@@ -78,6 +78,30 @@ def _data_dir(args) -> str | None:
     return getattr(args, "data_dir", None) or os.environ.get(DATA_ENV) or None
 
 
+def _precheck(args, tasks=()) -> None:
+    """The cheap arguments, checked before the model loads (10-60 s): task names, the data
+    folder and the prompt template. CliError (exit 2) names the option."""
+    from ..data.registry import get_task_spec
+    from .common import DEMO_TASKS, resolve_task
+
+    data_dir = _data_dir(args)
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        where = "--data-dir" if getattr(args, "data_dir", None) else DATA_ENV
+        raise CliError(f"{where}: {data_dir!r} is not a folder")
+    template = getattr(args, "template", None)
+    if template is not None and "{text}" not in template:
+        raise CliError(f"--template: expected a template containing '{{text}}', got {template!r}")
+    if seam("resolve_task") is not resolve_task:  # a replaced seam knows its own task names
+        return
+    for name in tasks:
+        if name.strip().lower() in DEMO_TASKS:
+            continue
+        try:
+            get_task_spec(name)
+        except SteerlinError as exc:
+            raise CliError(f"--task: {exc}") from None
+
+
 def _splits(args, task_name: str, n_concept: int, n_operating: int, n_eval: int):
     task = seam("resolve_task")(task_name, data_dir=_data_dir(args), template=args.template)
     with warnings.catch_warnings():

@@ -1,0 +1,8 @@
+"""`python -m steerlin ...`: the same as the `steerlin` console script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -130,6 +130,14 @@ class FrozenContext:
     def _module(self, layer: int):
         return None if self.upcast is None else self.upcast.block(layer)
 
+    def _prewarm(self, layer: int) -> None:
+        """Build block `layer`'s float32 copy (and the fast engine's weights) before a
+        torch.func transform: a copy made inside one would hold its wrapped tensors."""
+        if self.upcast is not None:
+            self.upcast.block(layer)
+            if self.kv is not None:
+                _fast._w(self.model, self.kv, layer)
+
     def __post_init__(self) -> None:
         if self.engine is None:  # the backend that runs this model's blocks
             object.__setattr__(self, "engine", backend.get(self.model))
@@ -211,6 +219,7 @@ class FrozenContext:
                 raise NonFiniteError(f"jvp: non-finite Jacobian-vector product at layer {layer}")
             return out
         f = lambda x_: self.block(layer, x_)
+        self._prewarm(layer)
 
         def one(v: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(f, (x,), (v,))[1]
@@ -233,6 +242,7 @@ class FrozenContext:
         propagated backwards through the frozen-context block maps (`block`, so either engine).
         """
         x = self.states[:, layer]
+        self._prewarm(layer)
         _, pull = torch.func.vjp(lambda x_: self.block(layer, x_), x)
         if cotangents.shape[1] == 1:
             out = pull(cotangents[:, 0])[0][:, None]
@@ -623,7 +633,7 @@ def _track(tensors: list[torch.Tensor]) -> None:
         if id(t) in seen or t.dtype not in JVP_DTYPES:
             continue
         seen.add(id(t))
-        n = t.untyped_storage().nbytes()
+        n = t.numel() * t.element_size()
         _LIVE["bytes"] += n
         _LIVE["peak"] = max(_LIVE["peak"], _LIVE["bytes"])
         weakref.finalize(t, _untrack, n)

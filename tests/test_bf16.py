@@ -14,9 +14,9 @@ JVPs/VJPs, scans, fits and calibrations in float32 from one block's float32 copy
 
 And the model itself: its parameters keep their dtype and values (bitwise), and the float32
 copies alive at once never exceed one block (`upcast_stats`), far below a float32 copy of the
-model. With TransformerLens 4 (the bridge) the same tests run where marked; the bridge's
-recorded rotary tables are the bf16 model's own, so only the bf16-rounding tolerance is
-asserted there.
+model. With TransformerLens 4 (the bridge) the same tests run on the TransformerLens engine;
+the bridge's recorded rotary tables and Gemma's embedding scaling are the bf16 model's own, so
+only a bf16-rounding tolerance is asserted there (SAME_WEIGHTS).
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from steerlin.frozen import iter_contexts, resolve_engine, upcast_stats
 
 TL4 = tl_major() >= 4
 ENGINES = ["tl"] if TL4 else ["fast", "tl"]
-SAME_WEIGHTS = 1e-3 if TL4 else 1e-5  # vs float32 on the same bf16-rounded weights
+# vs float32 on the same bf16-rounded weights; TL4: the bridge's x_0 (Hugging Face scales
+# Gemma's embedding in the model's dtype) and recorded rotary cos/sin are the bf16 model's
+# own, so it is bf16-rounding level there (measured up to 4e-3 on gemma_like's logit readout)
+SAME_WEIGHTS = 1e-2 if TL4 else 1e-5
 ROUNDING = 2e-2  # vs the original float32 weights
 
 

@@ -22,6 +22,7 @@ layout every backend shares (`common.context_mask`: `mask.sum(1)` is each prompt
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -194,11 +195,46 @@ def _layout(model: TransformerBridge, T: int) -> list:
     return calls
 
 
-def _call_block(model: TransformerBridge, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """Block `layer` over a full right-padded sequence, with the model's own arguments."""
+def _call_block(
+    model: TransformerBridge, layer: int, hidden: torch.Tensor, module: Any = None
+) -> torch.Tensor:
+    """Block `layer` over a full right-padded sequence, with the model's own arguments
+    (`module`: a float32 copy of the block, given the recorded arguments cast to float32)."""
     args, kwargs = _layout(model, hidden.shape[1])[layer]
-    out = model.blocks[layer](hidden, *args, **kwargs)
+    if module is None:
+        module = model.blocks[layer]
+    elif hidden.dtype != model.cfg.dtype:
+        args, kwargs = _cast_floats(args, hidden.dtype), _cast_floats(kwargs, hidden.dtype)
+    out = module(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (masks, rotary cos/sin) in nested arguments cast to `dtype`."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast_floats(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _upcast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of a bridge component computing in `dtype`: parameters and floating buffers
+    cast (never copied in the model's dtype first), hook points without hooks."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    for m in module.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            memo[id(getattr(m, attr))] = OrderedDict()
+        for buf in m.buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and id(buf) not in memo:
+                memo[id(buf)] = buf.to(dtype)
+    return copy.deepcopy(module, memo)
 
 
 def _at(t: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -282,8 +318,14 @@ class BridgeBackend(Backend):
                     )
         _CHECKED.add(model)
 
-    def embed(self, model: TransformerBridge, tokens: Int[torch.Tensor, "b T"]) -> torch.Tensor:
-        """x_0 at every position of a right-padded batch (records the block arguments too)."""
+    def embed(
+        self,
+        model: TransformerBridge,
+        tokens: Int[torch.Tensor, "b T"],
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """x_0 at every position of a right-padded batch (records the block arguments too);
+        `dtype`: returned in that dtype (a half-precision model's embedding, as it computes it)."""
         b, T = tokens.shape
         got: list[torch.Tensor] = []
         # the bridge stops before block `stop`'s input hook: stop after block 0 (if the block
@@ -302,7 +344,7 @@ class BridgeBackend(Backend):
                 use_cache=False,
                 stop_at_layer=stop,
             )
-        return got[0]
+        return got[0] if dtype is None else got[0].to(dtype)
 
     def block_context(
         self,
@@ -310,10 +352,11 @@ class BridgeBackend(Backend):
         layer: int,
         resid: Float[torch.Tensor, "b T H"],
         lengths: Int[torch.Tensor, " b"],
+        module: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         b, T, _ = resid.shape
         with torch.no_grad():
-            out = _call_block(model, layer, resid)
+            out = _call_block(model, layer, resid, module)
         empty = torch.zeros(b, 0, dtype=resid.dtype, device=resid.device)
         return out, resid, empty, context_mask(T, lengths.to(resid.device))
 
@@ -325,13 +368,22 @@ class BridgeBackend(Backend):
         keys: Float[torch.Tensor, "n T H"],
         values: torch.Tensor,
         mask: Int[torch.Tensor, "n Tp1"],
+        module: torch.nn.Module | None = None,
     ) -> Float[torch.Tensor, "n H"]:
-        """f_layer(x): block `layer` over the frozen context with the last token's input x."""
+        """f_layer(x): block `layer` over the frozen context with the last token's input x
+        (`module`: the block's float32 copy for a half-precision model)."""
         T = keys.shape[1]
         last = mask.sum(1) - 1
         at_last = torch.arange(T, device=keys.device)[None, :] == last[:, None]
         hidden = torch.where(at_last[..., None], x[:, None, :].to(keys.dtype), keys)
-        return _at(_call_block(model, layer, hidden), last)
+        return _at(_call_block(model, layer, hidden, module), last)
+
+    def upcast_block(
+        self, model: TransformerBridge, layer: int, dtype: torch.dtype
+    ) -> torch.nn.Module:
+        """A copy of block `layer` computing in `dtype` (float32 for a bf16/fp16 model; its
+        recorded rotary tables stay the model's own, cast): only this block is copied."""
+        return _upcast_module(model.blocks[layer], dtype)
 
     def logits(
         self,
@@ -339,14 +391,21 @@ class BridgeBackend(Backend):
         x: Float[torch.Tensor, "... H"],
         tokens: Sequence[int] | None,
     ) -> Float[torch.Tensor, "... k"]:
-        """Final norm, the unembedding rows `tokens` and the model's final-logit soft-cap."""
-        h = model.ln_final(x[..., None, :])[..., 0, :]
+        """Final norm, the unembedding rows `tokens` and the model's final-logit soft-cap
+        (for a half-precision model given float32 states: in float32, the norm copied and the
+        unembedding rows cast a chunk at a time)."""
         head = model.unembed.original_component
-        w = head.weight if tokens is None else head.weight[list(tokens)]
-        out = h @ w.T
         bias = getattr(head, "bias", None)
-        if bias is not None:
-            out = out + (bias if tokens is None else bias[list(tokens)])
+        if x.dtype != model.cfg.dtype and model.cfg.dtype in (torch.bfloat16, torch.float16):
+            h = _upcast_module(model.ln_final, x.dtype)(x[..., None, :])[..., 0, :]
+            rows = None if tokens is None else list(tokens)
+            out = _rows_matmul(h, head.weight, bias, rows)
+        else:
+            h = model.ln_final(x[..., None, :])[..., 0, :]
+            w = head.weight if tokens is None else head.weight[list(tokens)]
+            out = h @ w.T
+            if bias is not None:
+                out = out + (bias if tokens is None else bias[list(tokens)])
         cap = getattr(_hf_config(model), "final_logit_softcapping", None)
         if cap:
             out = torch.tanh(out / cap) * cap
@@ -414,6 +473,19 @@ class BridgeBackend(Backend):
             pad = model.tokenizer.pad_token_id or 0
             return torch.stack([torch.cat([r.new_full((width - len(r),), pad), r]) for r in rows])
         return greedy_generate(model, prompts, max_new_tokens, tokens=True)
+
+
+def _rows_matmul(h, weight, bias, rows, chunk: int = 32768) -> torch.Tensor:
+    """h @ weight[rows].T (+ bias) in h's dtype, the rows cast a chunk at a time."""
+    dt = h.dtype
+    if rows is not None:
+        out = h @ weight[rows].to(dt).T
+        return out if bias is None else out + bias[rows].to(dt)
+    parts = []
+    for s in range(0, weight.shape[0], chunk):
+        part = h @ weight[s : s + chunk].to(dt).T
+        parts.append(part if bias is None else part + bias[s : s + chunk].to(dt))
+    return torch.cat(parts, dim=-1)
 
 
 def _pads_in_float64(model: TransformerBridge, prompts: Sequence[str]) -> bool:

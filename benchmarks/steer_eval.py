@@ -41,6 +41,11 @@ def main() -> None:
     ap.add_argument("--basis", default="krylov", help="surrogate basis (docs table: krylov)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--strengths", default="0.5,1,2", help="|t| in class separations")
+    ap.add_argument(
+        "--search-coefs",
+        default="1,2,4,8",
+        help="coefficients of the raw class-mean difference the 'searched' grid tries",
+    )
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3, help="seeds of 12 held-out stems (max 3)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))

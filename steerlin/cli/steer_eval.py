@@ -55,6 +55,11 @@ def register(add) -> None:
     p.add_argument("--basis", default="krylov", help="surrogate basis (default krylov)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--strengths", default="0.5,1,2", help="|t| in class separations")
+    p.add_argument(
+        "--search-coefs",
+        default="1,2,4,8",
+        help="coefficients of the raw class-mean difference the 'searched' grid tries",
+    )
     p.add_argument("--tokens", type=_positive_int, default=30, help="greedy tokens per stem")
     p.add_argument("--seeds", type=int, default=3, help="seeds of 12 held-out stems (max 3)")
     p.add_argument("--quick", action="store_true", help="2 strategies, t = 1, 8 tokens, 1 seed")

@@ -163,7 +163,7 @@ def final_states(
         got = {}
 
         def grab(resid, hook, meas=meas):
-            rows = torch.arange(resid.shape[0])[:, None]
+            rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
             got["x"] = resid[rows, meas.to(resid.device)].detach()
 
         hooks = [(f"blocks.{L - 1}.hook_resid_post", grab)]
@@ -248,7 +248,7 @@ def continuation_scores(
                 tgt = tokens[i, p:t]
                 nll.append(float(-lp.gather(-1, tgt[:, None]).mean()))
         if readout is not None:
-            rows = torch.arange(len(sub))
+            rows = torch.arange(len(sub), device=tokens.device)
             x = got["x"][rows, (tlen - 1).to(tokens.device)]
             ys.append(readout(model, x).to(F64).cpu())
     return {

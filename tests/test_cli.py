@@ -382,3 +382,29 @@ def test_gemma_steer_eval_quick(gemma, monkeypatch, tmp_path):
         assert abs(r["multiplier"]) > 0
     assert "| min-norm | 1 |" in (out / "results.md").read_text()
     assert (out / "steer_eval_sst2_quick.png").stat().st_size > 1000
+
+
+def test_tiny_demo_steers_both_ways_and_judges_each_line(monkeypatch, tmp_path, capsys):
+    """The demo's generation step: +t and −t, each calibrated, every line judged by VADER,
+    the perplexity ratio reported; the steered continuations differ from the unsteered."""
+    pytest.importorskip("vaderSentiment")
+    from _wordtok import with_tokenizer
+
+    model = with_tokenizer(make_gemma_like())
+    monkeypatch.setattr(cli, "resolve_model", lambda name, **kw: model)
+    threads = torch.get_num_threads()
+    out = tmp_path / "demo"
+    argv = "demo --d 4 --n-random 2 --threads 1 --max-new-tokens 5 --steer-target 4".split()
+    prompts = ["--prompt", "the movie was", "--prompt", "the plot is not"]
+    try:
+        assert cli.main([*argv, *prompts, "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    gen = _results(out)["results"]["generation"]
+    assert gen["strength"] == 4.0 and len(gen["signs"]) == 2
+    for rec in gen["signs"].values():
+        assert rec["ppl_ratio"] > 0 and rec["changed"] >= 1
+    assert set(gen["vader_mean"]) == {"unsteered", *gen["signs"]}
+    printed = capsys.readouterr().out
+    assert printed.count("[VADER ") == 3 * 2  # unsteered, +t, −t for each of the 2 prompts
+    assert "Steered both ways" in (out / "results.md").read_text()

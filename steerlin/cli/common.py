@@ -26,7 +26,13 @@ from ..report import Timer, jsonable, md_table, versions
 
 DATA_ENV = "STEERLIN_DATA_DIR"
 DEMO_TASKS = ("demo", "sst2-demo")
-DEMO_PROMPTS = ("The movie was", "I think this film")
+DEMO_PROMPTS = (
+    "The movie was",
+    "I think this film",
+    "Last night we went to see",
+    "My review of the new season:",
+    "The food at that restaurant",
+)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 
 from .energy import least_norm, make_metric
-from .errors import InputError, LayerError, ShapeError
+from .errors import InputError, LayerError, ShapeError, SteerlinError
 from .linalg import gains_from_reduced
 from .schedule import Schedule
 from .targets import resolve_target
@@ -109,7 +109,15 @@ class Controller:
         allowed = list(range(L)) if layers is None else check_layers("layers", layers, L)
         self.layers = allowed
         self.seed = seed
-        self.G = self._gain_tensor(coupling)
+        try:
+            self.G = self._gain_tensor(coupling)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, SteerlinError):
+                raise
+            raise InputError(
+                f"coupling: expected a gain tensor [k, k, L] of numbers, got "
+                f"{type(coupling).__name__} ({exc})"
+            ) from None
         if isinstance(metric, str) and metric == "kl":
             if model is None or metric_prompts is None:
                 raise InputError(
@@ -119,7 +127,15 @@ class Controller:
             from .fisher import kl_metric
 
             metric = kl_metric(model, metric_prompts, self.surrogates[0])
-        self.metric = make_metric(metric, _scale_of(self.surrogates[0]))
+        try:
+            self.metric = make_metric(metric, _scale_of(self.surrogates[0]))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, SteerlinError):
+                raise
+            raise InputError(
+                "metric: expected 'norm', 'raw', 'kl', per-layer weights [L], a matrix [L, L] "
+                f"or a Metric, got {type(metric).__name__} ({exc})"
+            ) from None
         if k > 1 and self.metric.name == "kl":
             raise InputError("metric='kl' is supported for one concept at a time")
         self.calibration = None

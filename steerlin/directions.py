@@ -26,6 +26,7 @@ from .io import (
     save_tensors,
 )
 from .trajectory import PromptsLike, Trajectory, capture
+from .validate import check_int
 
 
 def check_labels(labels, n: int) -> torch.Tensor:
@@ -111,9 +112,20 @@ class ConceptDirections:
         and printed with targets ("+" is label 1).
         """
         check_model(model)
+        batch_size = check_int("batch_size", batch_size, min=1)
+        if label_names is not None and (
+            isinstance(label_names, str) or not isinstance(label_names, Sequence)
+        ):
+            raise InputError(
+                f"label_names: expected (name of label 0, name of label 1), got {label_names!r}"
+            )
         if isinstance(prompts, Trajectory):
             traj = prompts
         else:
+            if not isinstance(prompts, torch.Tensor | Sequence):
+                raise InputError(
+                    f"prompts: expected a list of prompts, got {type(prompts).__name__}"
+                )
             if not isinstance(prompts, torch.Tensor) and len(prompts) == 0:
                 raise InputError("prompts: expected at least one prompt, got an empty list")
             check_labels(labels, len(prompts))
@@ -133,6 +145,12 @@ class ConceptDirections:
         cls, states: Float[torch.Tensor, "n Lp1 H"], labels, *, meta: dict | None = None
     ) -> ConceptDirections:
         """Directions from captured states [n, L+1, H] and 0/1 labels."""
+        if not isinstance(states, torch.Tensor) or not states.is_floating_point():
+            raise InputError(
+                f"states: expected a float tensor [n, L+1, H], got {type(states).__name__}"
+            )
+        if states.ndim != 3:
+            raise ShapeError(f"states: expected shape [n, L+1, H], got {tuple(states.shape)}")
         y = check_labels(labels, states.shape[0])
         x = states
         bad = ~torch.isfinite(x).reshape(x.shape[0], x.shape[1], -1).all(-1).all(0)
@@ -284,6 +302,8 @@ class ConceptDirections:
         With `model`, refuse a file fitted on a model of another shape, or on another model
         of the same shape (weight fingerprint; `allow_other_model=True` to use it anyway).
         """
+        if model is not None:
+            check_model(model)
         t, meta = load_tensors(path, "ConceptDirections")
         base = {"vectors", "unit", "scale"}
         if not base <= set(t):

@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 from . import backend
 from .backend import Model, check_model
 from .directions import ConceptDirections
-from .errors import InputError, NonFiniteError
+from .errors import InputError, ModelTypeError, NonFiniteError
 from .frozen import FrozenContext, compute_dtype, iter_contexts
 from .hooks import check_layer, inject, resid_post_name
 from .readouts import Readout, make_readout
 from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
+from .validate import check_directions, check_number
 
 METHODS = ("cached", "hooks")
 
@@ -28,6 +29,10 @@ METHODS = ("cached", "hooks")
 def _layers(layers, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(n_layers))
+    if isinstance(layers, torch.Tensor) and layers.ndim == 1:
+        layers = layers.tolist()
+    if isinstance(layers, str) or not isinstance(layers, Sequence | range):
+        raise InputError(f"layers: expected a list of layer indices, got {layers!r}")
     out = [check_layer(layer, n_layers) for layer in layers]
     if not out:
         raise InputError("layers: expected at least one layer, got an empty list")
@@ -158,7 +163,8 @@ def scan_gains(
     Returns float64 gains for `layers` (default all L).
     """
     check_model(model)
-    directions.check_for(model)
+    check_directions("directions", directions).check_for(model)
+    eps = check_number("eps", eps)
     if not eps > 0:
         raise InputError(f"eps: expected a positive step, got {eps}")
     if method not in METHODS:
@@ -231,7 +237,7 @@ def exact_gains(
     engine: the frozen-context engine ("auto", "fast" or "tl"; see `steerlin.frozen`).
     """
     check_model(model)
-    directions.check_for(model)
+    check_directions("directions", directions).check_for(model)
     L = model.cfg.n_layers
     rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
     b = directions.b[:L].to(device=model.cfg.device, dtype=compute_dtype(model))
@@ -258,6 +264,12 @@ def cross_gains(
 ) -> Float[torch.Tensor, "k k L"]:
     """Exact first-order gain tensor G[i, j, l] = ∂<unit^i_L, x_L>/∂u_{j,l} (one backward per
     concept and batch): the measured coupling for a multi-concept Controller."""
+    if isinstance(directions, str) or not isinstance(directions, Sequence):
+        raise ModelTypeError(
+            f"directions: expected a list of ConceptDirections, got {type(directions).__name__}"
+        )
+    for i, di in enumerate(directions):
+        check_directions(f"directions[{i}]", di)
     k = len(directions)
     L = model.cfg.n_layers
     G = torch.zeros(k, k, L, dtype=torch.float64)

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import FileFormatError, FileWriteError, InputError, OtherModelError
+from .validate import check_path
 
 FORMAT_VERSION = 1
 #: dtypes a steerlin file may hold (results are float64; directions follow the model's dtype)
@@ -43,7 +44,7 @@ ANY_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def save_tensors(path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write `tensors` and `meta` atomically to `path` (unique temp file + os.replace)."""
-    path = Path(path).expanduser()
+    path = Path(check_path("path", path)).expanduser()
     if path.is_dir():
         raise FileWriteError(f"path: {str(path)!r} is a folder; pass a file name inside it")
     try:
@@ -75,7 +76,7 @@ def save_tensors(path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[s
 
 def load_tensors(path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by `save_tensors(kind=...)`; FileFormatError for anything else."""
-    path = Path(path).expanduser()
+    path = Path(check_path("path", path)).expanduser()
     if not path.is_file():
         raise FileFormatError(f"path: no such file {str(path)!r}")
     try:

@@ -8,7 +8,6 @@ model is reached through `steerlin.hooks` only when a schedule is applied.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from .errors import FileFormatError, InputError, LayerError, ShapeError
+from .errors import FileFormatError, InputError, LayerError, ModelTypeError, ShapeError
 from .export import write_llama_cpp
 from .io import (
     check_model_meta,
@@ -27,6 +26,7 @@ from .io import (
     meta_int,
     save_tensors,
 )
+from .validate import check_number
 
 F64 = torch.float64
 
@@ -54,6 +54,17 @@ class Schedule:
     readout: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name in ("amplitudes", "unit", "scale", "readout"):
+            t = getattr(self, name)
+            if name == "readout" and t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or not (t.is_floating_point()):
+                what = type(t).__name__ if not isinstance(t, torch.Tensor) else str(t.dtype)
+                raise ModelTypeError(
+                    f"Schedule: {name} must be a floating-point tensor, got {what}"
+                )
+        if not isinstance(self.meta, dict):
+            raise ModelTypeError(f"Schedule: meta must be a dict, got {type(self.meta).__name__}")
         a, u, s = self.amplitudes, self.unit, self.scale
         ok = (a.ndim == 1 and u.ndim == 2 and s.ndim == 1) or (
             a.ndim == 2 and u.ndim == 3 and s.ndim == 2
@@ -114,8 +125,7 @@ class Schedule:
 
     def scaled(self, factor: float, **meta) -> Schedule:
         """The same schedule with every amplitude multiplied by `factor`."""
-        if not math.isfinite(factor):
-            raise InputError(f"factor: expected a finite number, got {factor}")
+        factor = check_number("factor", factor)
         new_meta = dict(self.meta)
         ps = new_meta.get("predicted_shift")
         if ps is not None:
@@ -201,6 +211,10 @@ class Schedule:
         the metadata. With `model`, refuse one made for another model shape, or for another
         model of the same shape (weight fingerprint; `allow_other_model=True` to use it
         anyway)."""
+        if model is not None:
+            from .backend import check_model
+
+            check_model(model)
         t, meta = load_tensors(path, "Schedule")
         if not {"amplitudes", "unit", "scale"} <= set(t):
             raise FileFormatError(f"{str(path)!r}: Schedule file lacks amplitudes/unit/scale")
@@ -249,8 +263,10 @@ class Schedule:
         `scale` (a ConceptDirections or Float[L] of mean residual norms), else raw (scale 1).
         llama.cpp steers every position: apply the result with positions="all" to match it.
         """
+        from .backend import check_model
         from .interop import read_gguf
 
+        check_model(model)
         L, H = model.cfg.n_layers, model.cfg.d_model
         found, meta_file = read_gguf(path)
         vec = torch.zeros(L, H, dtype=F64)
@@ -278,7 +294,13 @@ class Schedule:
             units = "raw"
         else:
             sc = getattr(scale, "scale", scale)
-            sc = torch.as_tensor(sc, dtype=F64).reshape(-1)[:L]
+            try:
+                sc = torch.as_tensor(sc, dtype=F64).reshape(-1)[:L]
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(
+                    f"scale: expected ConceptDirections or {L} mean norms, got "
+                    f"{type(scale).__name__}"
+                ) from None
             if sc.shape != (L,) or not (sc > 0).all():
                 raise ShapeError(f"scale: expected {L} positive mean norms, got {tuple(sc.shape)}")
             units = "norm-relative"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -273,6 +274,22 @@ class Surrogate:
                 raise InputError(f"d: expected 1 <= d <= d_model={model.cfg.d_model}, got {o}")
         batch_size = check_int("batch_size", batch_size, min=1)
         seed = check_int("seed", seed)
+        if prompts is None or isinstance(prompts, str | bytes | numbers.Number):
+            raise InputError(
+                f"prompts: expected prompts (a list, LabelledPrompts, Splits, Task or "
+                f"(prompts, labels)), got {prompts!r}"
+            )
+        if not isinstance(distributed, bool):
+            raise InputError(f"distributed: expected True or False, got {distributed!r}")
+        if label_words is not None and (
+            isinstance(label_words, str)
+            or not isinstance(label_words, Sequence)
+            or len(label_words) != 2
+        ):
+            raise InputError(
+                f"label_words: expected two words or token ids (positive, negative), got "
+                f"{label_words!r}"
+            )
         concept_fraction = check_number("concept_fraction", concept_fraction)
         if not 0 < concept_fraction < 1:
             raise InputError(
@@ -419,6 +436,8 @@ class Surrogate:
         the metadata and the other tensors. With `model`, refuse one fitted on another model
         shape, or on another model of the same shape (weight fingerprint;
         `allow_other_model=True` to use it anyway)."""
+        if model is not None:
+            check_model(model)
         t, meta = load_tensors(path, "Surrogate")
         need = {"P", "A", "B", "c", "gains", "gains_paper", "gains_std"}
         if not need <= set(t):

@@ -37,7 +37,13 @@ def tokenize(model: Model, prompts: PromptsLike) -> list[list[int]]:
         prompts = prompts.tolist()
     if isinstance(prompts, str):
         raise InputError("prompts: expected a list of prompts, got a single string; use [text]")
-    prompts = list(prompts)
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise InputError(
+            f"prompts: expected a list of prompts (texts or token-id lists), got "
+            f"{type(prompts).__name__}"
+        ) from None
     if not prompts:
         raise InputError("prompts: expected at least one prompt, got an empty list")
     out: list[list[int]] = []
@@ -49,7 +55,12 @@ def tokenize(model: Model, prompts: PromptsLike) -> list[list[int]]:
                 )
             ids = model.to_tokens(p, truncate=False)[0].tolist()
         else:
-            raw = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            try:
+                raw = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            except TypeError:
+                raise InputError(
+                    f"prompts[{i}]: expected a text or a list of token ids, got {type(p).__name__}"
+                ) from None
             if not all(hasattr(t, "__index__") and not isinstance(t, bool) for t in raw):
                 raise InputError(f"prompts[{i}]: token ids must be integers")
             ids = [t.__index__() for t in raw]

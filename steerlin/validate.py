@@ -175,6 +175,27 @@ def check_surrogate(name: str, value: Any):
     return value
 
 
+def check_directions(name: str, value: Any):
+    """A `ConceptDirections` (anything with unit, scale and check_for)."""
+    if not all(hasattr(value, a) for a in ("unit", "scale", "check_for")):
+        hint = (
+            " (a path? load it with ConceptDirections.load(path))" if isinstance(value, str) else ""
+        )
+        raise ModelTypeError(
+            f"{name}: expected steerlin ConceptDirections, got {_show(value)}{hint}"
+        )
+    return value
+
+
+def check_path(name: str, value: Any):
+    """A file path (str or os.PathLike)."""
+    import os
+
+    if not isinstance(value, str | os.PathLike) or (isinstance(value, str) and not value):
+        raise InputError(f"{name}: expected a file path (str or Path), got {_show(value)}")
+    return value
+
+
 def check_schedule(name: str, value: Any):
     """A `Schedule` (or a Controller's: anything with additions, vectors, layers, check_for)."""
     if not all(hasattr(value, a) for a in ("additions", "vectors", "layers", "check_for")):
@@ -238,6 +259,8 @@ __all__ = [
     "check_targets",
     "check_surrogate",
     "check_schedule",
+    "check_directions",
+    "check_path",
     "check_text_prompts",
     "check_distinct_tokens",
 ]

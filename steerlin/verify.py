@@ -19,7 +19,7 @@ from . import backend
 from .backend import Model, check_model
 from .control import Controller
 from .directions import ConceptDirections
-from .errors import InputError, NonFiniteError, UnreachableTargetError
+from .errors import InputError, NonFiniteError, ShapeError, UnreachableTargetError
 from .frozen import ContextPool, compute_dtype, iter_contexts
 from .gains import METHODS
 from .hooks import inject, resid_post_name
@@ -36,6 +36,12 @@ def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
     if isinstance(readout, ConceptDirections):
         return [make_readout(model, "concept", readout.unit[-1])]
     if isinstance(readout, torch.Tensor):
+        H = model.cfg.d_model
+        if readout.ndim not in (1, 2) or readout.shape[-1] != H:
+            raise ShapeError(
+                f"readout: expected a direction of shape [{H}] (or [k, {H}]), got "
+                f"{tuple(readout.shape)}"
+            )
         rows = readout if readout.ndim == 2 else readout[None]
         return [make_readout(model, "concept", r) for r in rows]
     kinds = schedule.meta.get("readout", {"kind": "concept"})
@@ -237,6 +243,11 @@ def compare_energy(
     its row with energy = inf and the error message.
     """
     n_random = check_int("n_random", n_random, min=0)
+    if isinstance(baselines, str) or not isinstance(baselines, Sequence):
+        raise InputError(f"baselines: expected a list of baseline names, got {baselines!r}")
+    for b in baselines:
+        if not isinstance(b, str):
+            raise InputError(f"baselines: expected names such as 'uniform', got {b!r}")
     tol = check_number("tol", tol, positive=True)
     batch_size = check_int("batch_size", batch_size, min=1)
     ctrl = Controller(surrogate, target, units="raw", layers=layers, seed=seed)

@@ -214,7 +214,7 @@ def _demo_generation(run, model, sur, args) -> None:
             "target": ctrl.targets[0].to_meta(),
             "calibration": cal.to_meta(),
             "ppl_ratio": math.exp(nll - nll0),
-            "changed": sum(a != b for a, b in zip(plain.texts, steered.texts, strict=True)),
+            "changed": int((plain.new_ids != steered.new_ids).any(dim=1).sum()),
         }
         run.say(
             f"\n{key}: least-norm schedule for {ctrl.targets[0].describe()}, calibrated in "

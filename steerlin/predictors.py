@@ -1,0 +1,174 @@
+"""Where to steer, predicted per layer without generating anything.
+
+Each predictor returns one score per injection layer l = 0..L-1 (the state x_l that a steering
+vector is added to), higher = steer here:
+
+- `gain_curve`: |h_l|, the readout change per unit (norm-relative) injection: exact full-model
+  gains (`steerlin.exact_gains`) or a surrogate's predicted gains.
+- `gain_per_kl`: h_l² / F_ll, readout change squared per unit of predicted KL of the next-token
+  distribution (F: `steerlin.kl_metric`), i.e. how much the readout moves at a fixed side effect.
+- `logit_lens_accuracy` (LAP's A_lin, arXiv 2604.15557): the final norm and unembedding applied
+  to x_l; the fraction of labelled prompts whose label word outscores the other label word.
+- `probe_accuracy`: held-out accuracy of an L2-regularised logistic probe on x_l (decodability).
+
+`score_predictors` scores any of them against a judged per-layer effect: Spearman correlation
+across layers, and the judged effect at the predictor's top layer as a fraction of the best
+layer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from .errors import InputError, ShapeError
+from .fisher import full_logits
+from .readouts import make_readout
+from .trajectory import capture
+
+F64 = torch.float64
+
+
+def gain_curve(gains) -> Float[torch.Tensor, " L"]:
+    """|h_l|: exact gains (`exact_gains`) or a surrogate's (`Surrogate.gains`) as a score."""
+    h = torch.as_tensor(getattr(gains, "gains", gains)).detach().to("cpu", F64)
+    if h.ndim != 1:
+        raise ShapeError(f"gains: expected a 1-d per-layer tensor, got shape {tuple(h.shape)}")
+    return h.abs()
+
+
+def gain_per_kl(gains, metric) -> Float[torch.Tensor, " L"]:
+    """h_l² / F_ll: squared readout change per unit of predicted next-token KL at layer l.
+
+    metric: a `steerlin.energy.Metric` from `steerlin.kl_metric` (its W is F), or F itself."""
+    h = gain_curve(gains)
+    W = torch.as_tensor(getattr(metric, "W", metric)).detach().to("cpu", F64)
+    if W.shape != (h.shape[0], h.shape[0]):
+        raise ShapeError(f"metric: expected F of shape [{h.shape[0]}]*2, got {tuple(W.shape)}")
+    return h.pow(2) / W.diagonal().clamp_min(torch.finfo(F64).tiny)
+
+
+def _labels(labels, n: int) -> torch.Tensor:
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if y.shape != (n,) or not bool(((y == 0) | (y == 1)).all()):
+        raise InputError(f"labels: expected {n} labels, each 0 or 1")
+    if int(y.sum()) in (0, n):
+        raise InputError("labels: both classes are needed")
+    return y
+
+
+@torch.no_grad()
+def logit_lens_accuracy(
+    model,
+    prompts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    label_words: Sequence[str] | Sequence[int] = (" positive", " negative"),
+    batch_size: int = 16,
+) -> Float[torch.Tensor, " L"]:
+    """A_lin per layer: the logit lens on x_l (final norm + unembedding), accuracy of
+    "label word 1 outscores label word 0" against the labels (1 = the first word's class).
+    Ties count as half right."""
+    rd = make_readout(model, "logits", None, label_words=label_words)
+    if rd.pos_token == rd.neg_token:
+        raise InputError(f"label_words: {label_words!r} map to the same token")
+    y = _labels(labels, len(prompts)).to(F64)
+    states = capture(model, prompts, batch_size=batch_size).states  # [n, L+1, H]
+    L = model.cfg.n_layers
+    out = torch.empty(L, dtype=F64)
+    for layer in range(L):
+        x = states[:, layer].to(device=model.cfg.device, dtype=model.cfg.dtype)
+        z = full_logits(model, x).to("cpu", F64)
+        margin = torch.sign(z[:, rd.pos_token] - z[:, rd.neg_token])
+        right = torch.where(y > 0, margin, -margin)
+        out[layer] = float(((right + 1) / 2).mean())
+    return out
+
+
+def _logistic(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Weights [H+1] of an L2-regularised logistic regression (Newton steps, float64)."""
+    X = torch.cat([x, torch.ones(x.shape[0], 1, dtype=F64)], 1)
+    w = torch.zeros(X.shape[1], dtype=F64)
+    reg = ridge * torch.eye(X.shape[1], dtype=F64)
+    reg[-1, -1] = 0
+    for _ in range(50):
+        p = torch.sigmoid(X @ w)
+        g = X.T @ (p - y) + reg @ w
+        Hs = (X * (p * (1 - p))[:, None]).T @ X + reg
+        step = torch.linalg.solve(Hs + 1e-10 * torch.eye(X.shape[1], dtype=F64), g)
+        w = w - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return w
+
+
+@torch.no_grad()
+def probe_accuracy(
+    model,
+    prompts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    ridge: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Float[torch.Tensor, " L"]:
+    """Held-out accuracy per layer of a logistic probe on x_l: a stratified half of the prompts
+    (drawn with `seed`) trains, the other half tests. States are standardised per feature on
+    the training half; `ridge` is the L2 weight on the standardised scale."""
+    y = _labels(labels, len(prompts))
+    g = torch.Generator().manual_seed(seed)
+    train = torch.zeros(len(y), dtype=torch.bool)
+    for c in (0, 1):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        train[idx[: (len(idx) + 1) // 2]] = True
+    if int((~train).sum()) == 0:
+        raise InputError("prompts: need at least 2 per class for a held-out probe")
+    states = capture(model, prompts, batch_size=batch_size).states.to(F64)
+    L = model.cfg.n_layers
+    out = torch.empty(L, dtype=F64)
+    yf = y.to(F64)
+    for layer in range(L):
+        x = states[:, layer]
+        mu, sd = x[train].mean(0), x[train].std(0).clamp_min(1e-12)
+        z = (x - mu) / sd
+        w = _logistic(z[train], yf[train], ridge)
+        pred = (torch.cat([z[~train], torch.ones(int((~train).sum()), 1, dtype=F64)], 1) @ w) > 0
+        out[layer] = float((pred.to(F64) == yf[~train]).to(F64).mean())
+    return out
+
+
+def score_predictors(predictors: dict, judged) -> dict[str, dict]:
+    """Each predictor against the judged per-layer effect `judged` [L] (larger = better):
+    {"spearman": rank correlation across layers, "top_layer": its argmax, "top_fraction":
+    judged[top] / max(judged)} (layers where a predictor is NaN are left out)."""
+    from scipy.stats import spearmanr
+
+    j = torch.as_tensor(judged, dtype=F64)
+    best = float(j.max())
+    out = {}
+    for name, p in predictors.items():
+        p = torch.as_tensor(p, dtype=F64)
+        if p.shape != j.shape:
+            raise ShapeError(f"{name}: expected shape {tuple(j.shape)}, got {tuple(p.shape)}")
+        ok = ~torch.isnan(p)
+        top = int(torch.where(ok, p, torch.tensor(-torch.inf, dtype=F64)).argmax())
+        rho = spearmanr(p[ok].numpy(), j[ok].numpy())[0] if int(ok.sum()) > 2 else float("nan")
+        out[name] = {
+            "spearman": float(rho),
+            "top_layer": top,
+            "top_fraction": float(j[top]) / best if best > 0 else float("nan"),
+        }
+    return out
+
+
+__all__ = [
+    "gain_curve",
+    "gain_per_kl",
+    "logit_lens_accuracy",
+    "probe_accuracy",
+    "score_predictors",
+]

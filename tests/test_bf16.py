@@ -167,3 +167,15 @@ def test_bf16_on_cuda(trio):
     mh, mr = mh.to("cuda"), mr.to("cuda")
     gh = exact_gains(mh, prompts, dirs)
     assert _rel(gh, exact_gains(mr, prompts, dirs)) < 1e-4  # GPU float32 matmuls (TF32 off)
+
+
+def test_kl_metric_and_measure_shift(trio):
+    from steerlin.fisher import kl_metric
+    from steerlin.verify import measure_shift
+
+    m32, mh, mr, prompts, _, dirs = trio
+    Fh, Fr = kl_metric(mh, prompts, dirs).meta["F"], kl_metric(mr, prompts, dirs).meta["F"]
+    assert _rel(Fh, Fr) < SAME_WEIGHTS
+    sched = Controller.from_gains(exact_gains(mr, prompts, dirs), dirs, 0.5).schedule
+    sh, sr = measure_shift(mh, prompts, sched), measure_shift(mr, prompts, sched)
+    assert _rel(sh, sr) < SAME_WEIGHTS

@@ -7,6 +7,8 @@ backward pass) and `scan_context` (±eps injections on the single-token path); `
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +23,7 @@ from .frozen import FrozenContext, compute_dtype, iter_contexts
 from .hooks import check_layer, inject, resid_post_name
 from .readouts import Readout, make_readout
 from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
-from .validate import check_directions, check_number
+from .validate import check_directions
 
 METHODS = ("cached", "hooks")
 
@@ -164,9 +166,11 @@ def scan_gains(
     """
     check_model(model)
     check_directions("directions", directions).check_for(model)
-    eps = check_number("eps", eps)
-    if not eps > 0:
-        raise InputError(f"eps: expected a positive step, got {eps}")
+    real = isinstance(eps, numbers.Real) and not isinstance(eps, bool)
+    real = real or (isinstance(eps, torch.Tensor) and eps.numel() == 1 and eps.is_floating_point())
+    if not (real and math.isfinite(float(eps)) and float(eps) > 0):
+        raise InputError(f"eps: expected a positive step, got {eps!r}")
+    eps = float(eps)
     if method not in METHODS:
         raise InputError(f"method: expected one of {METHODS}, got {method!r}")
     L = model.cfg.n_layers

@@ -48,7 +48,7 @@ def save_tensors(path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[s
     if path.is_dir():
         raise FileWriteError(f"path: {str(path)!r} is a folder; pass a file name inside it")
     try:
-        meta_json = json.dumps(meta, allow_nan=False)
+        meta_json = json.dumps(meta)
     except (TypeError, ValueError) as exc:
         raise InputError(f"meta: not JSON-serialisable for {str(path)!r} ({exc})") from None
     header = {"steerlin": kind, "format": str(FORMAT_VERSION), "meta": meta_json}

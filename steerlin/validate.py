@@ -63,9 +63,9 @@ def check_int(name: str, value: Any, *, min: int | None = None, max: int | None 
         raise InputError(f"{name}: expected an integer, got {_show(value)}")
     v = int(v)
     if min is not None and v < min:
-        raise InputError(f"{name}: expected an integer >= {min}, got {v}")
+        raise InputError(f"{name}: expected >= {min}, got {v}")
     if max is not None and v > max:
-        raise InputError(f"{name}: expected an integer <= {max}, got {v}")
+        raise InputError(f"{name}: expected <= {max}, got {v}")
     return v
 
 

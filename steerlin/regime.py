@@ -151,7 +151,9 @@ def final_states(
     """
     check_model(model)
     positions = _policy(positions)
-    n_new = cont.n_new if n_new is None else int(n_new)
+    batch_size = check_int("batch_size", batch_size, min=1)
+    alpha = check_number("alpha", alpha)
+    n_new = cont.n_new if n_new is None else check_int("n_new", n_new, min=1)
     n_meas = 1 if positions == "last" else n_new
     L = model.cfg.n_layers
     out = []
@@ -194,6 +196,7 @@ def measure_regime_shift(
     batch_size: int = 16,
 ) -> float:
     """Mean readout shift (steered − clean) over the measured positions and prompts."""
+    batch_size = check_int("batch_size", batch_size, min=1)
     kw = dict(positions=positions, n_new=n_new, batch_size=batch_size)
     if clean is None:
         clean = readout(model, final_states(model, cont, None, **kw)).to(F64)
@@ -211,6 +214,7 @@ def regime_kl(
     batch_size: int = 8,
 ) -> float:
     """Mean KL(clean ‖ steered) of the next-token distribution over the measured positions."""
+    batch_size = check_int("batch_size", batch_size, min=1)
     kw = dict(positions=positions, n_new=n_new, batch_size=batch_size)
     x0 = final_states(model, cont, None, **kw)
     x1 = final_states(model, cont, vectors, **kw)
@@ -233,6 +237,7 @@ def continuation_scores(
     Returns {"nll": Float[b], "n_tokens": int, "readout": Float[b] or None}.
     """
     check_model(model)
+    batch_size = check_int("batch_size", batch_size, min=1)
     nll, ys = [], []
     L = model.cfg.n_layers
     for s in range(0, len(cont), batch_size):

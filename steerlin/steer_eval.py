@@ -22,7 +22,10 @@ steering-vectors users set it), "exact" (least Σu² from the exact full-model g
 a grid over single layers and the middle band x coefficients of the raw class-mean difference,
 each judged on the calibration stems only; the best, i.e. the largest judged Δ(+,−) with both
 signs' perplexity ratio <= 1.5, is then evaluated on the held-out stems like every other
-strategy; `search_grid`).
+strategy; `search_grid`), "prompt" (no steering: an instruction asking for the target
+property before each stem, `EvalSetting.instructions`, a plain text prefix; judged, and its
+perplexity and KL measured for the same continuation under the unprompted model), and
+"prompt+min-norm" (the instruction and the calibrated min-norm schedule together).
 
 Cost per strategy (`costs`): wall seconds and full-model forward token positions (counted by a
 hook on the first block's input, so it includes generation, calibration, scoring and context
@@ -51,16 +54,30 @@ from tqdm.auto import tqdm
 
 from .energy import Metric, least_norm
 from .errors import InputError, UnreachableTargetError
+from .fisher import full_logits
 from .judges import get_judge
 from .regime import (
+    Continuations,
     calibrate_regime,
     continuation_scores,
+    final_states,
     generate,
     regime_kl,
 )
 
 F64 = torch.float64
-STRATEGIES = ("min-norm", "min-kl", "uniform", "last", "best-layer", "middle", "exact", "searched")
+STRATEGIES = (
+    "min-norm",
+    "min-kl",
+    "uniform",
+    "last",
+    "best-layer",
+    "middle",
+    "exact",
+    "searched",
+    "prompt",
+    "prompt+min-norm",
+)
 #: coefficients of the raw class-mean difference v_l the "searched" grid tries (both signs)
 SEARCH_COEFS = (1.0, 2.0, 4.0, 8.0)
 #: the searched optimum must keep both signs' perplexity ratio at or below this
@@ -196,6 +213,11 @@ class EvalSetting:
     plus: str  # name of label 1
     minus: str  # name of label 0
     label_words: tuple[str, str] = (" positive", " negative")  # logit readout (+, −)
+    #: the prompting baseline's instruction prefixes (+, −): plain text for a base model
+    instructions: tuple[str, str] = (
+        "The following text is very positive, happy and enthusiastic.\n\n",
+        "The following text is very negative, unhappy and bitter.\n\n",
+    )
 
 
 def search_grid(
@@ -264,6 +286,23 @@ def search_grid(
             + ("" if best is None else f", Δ {best['delta']:+.3f} on the calibration stems")
         )
     return {"grid": grid, "best": best, "amplitudes_per_coef": per_c.tolist()}
+
+
+def kl_between(
+    model, clean: Continuations, other: Continuations, vectors=None, *, n_new: int
+) -> float:
+    """Mean KL(clean ‖ other) of the next-token distribution at the n_new positions that
+    predict the same continuation tokens: `other` holds the same continuations after other
+    prompt ids (e.g. with an instruction prefix), steered by `vectors` if given."""
+    x0 = final_states(model, clean, None, n_new=n_new)
+    x1 = final_states(model, other, vectors, n_new=n_new)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(x0.shape[0]):
+            lp0 = torch.log_softmax(full_logits(model, x0[i]).to(F64), -1)
+            lp1 = torch.log_softmax(full_logits(model, x1[i]).to(F64), -1)
+            total += float((lp0.exp() * (lp0 - lp1)).sum())
+    return total / (x0.shape[0] * x0.shape[1])
 
 
 def steer_eval(
@@ -361,13 +400,21 @@ def steer_eval(
         }
     )
 
-    def evaluate(row: dict, s, label: str) -> None:
-        """Held-out generation, judge, scores and KL of schedule `s` into `row`."""
-        u = s.amplitudes.to(F64)
-        steered = generate(model, flat, max_new_tokens, s)
+    def evaluate(row: dict, s, label: str, prefix: str | None = None) -> None:
+        """Held-out generation, judge, scores and KL of schedule `s` (and/or an instruction
+        `prefix` before each stem) into `row`; scores under the unprompted unsteered model."""
+        u = s.amplitudes.to(F64) if s is not None else torch.zeros(L, dtype=F64)
+        k = min(kl_tokens, max_new_tokens)
+        if prefix is None:
+            steered = generate(model, flat, max_new_tokens, s)
+            klm = regime_kl(model, base, s.vectors, n_new=k)
+        else:
+            asked = generate(model, [prefix + p for p in flat], max_new_tokens, s)
+            steered = Continuations(flat, base.prompt_ids, asked.new_ids, asked.texts)
+            along = Continuations(None, asked.prompt_ids, base.new_ids, base.texts)
+            klm = kl_between(model, base, along, None if s is None else s.vectors, n_new=k)
         sc = score(steered)
         jd = judge(steered.texts)
-        klm = regime_kl(model, base, s.vectors, n_new=min(kl_tokens, max_new_tokens))
         row.update(
             judge=per_seed(jd),
             readout=rel(sc, "readout"),
@@ -375,10 +422,12 @@ def steer_eval(
             ppl=per_seed_ppl(sc["nll"].numpy(), seed_of, len(seeds)),
             kl=[klm] * len(seeds),
             energy_norm=float(u @ u),
-            energy_raw=s.raw_energy,
+            energy_raw=0.0 if s is None else s.raw_energy,
             kl_pred=0.5 * kl.energy(u),
             amplitudes=u.tolist(),
         )
+        if prefix is not None:
+            row["instruction"] = prefix
         rows.append(row)
         samples[label] = steered.texts
         log(
@@ -418,7 +467,15 @@ def steer_eval(
                 row.update(multiplier=best["coef"], measured_shift=float("nan"))
                 evaluate(row, s, f"{name} {c:+g}")
             continue
-        shape = strategy_shape(name, h, kl=kl, directions=directions, exact=exact_gains)
+        if name == "prompt":
+            for sign in (1, -1):
+                prefix = setting.instructions[0 if sign > 0 else 1]
+                evaluate({"strategy": name, "t": float(sign)}, None, f"{name} {sign:+d}", prefix)
+            costs[name] = {"1": Cost().to_dict()}
+            continue
+        prefixed = name == "prompt+min-norm"
+        shape_name = "min-norm" if prefixed else name
+        shape = strategy_shape(shape_name, h, kl=kl, directions=directions, exact=exact_gains)
         costs[name] = {}
         for t in strengths:
             cost = Cost() + cal_base
@@ -448,7 +505,8 @@ def steer_eval(
                     measured_shift=cal.measured_shift,
                     evaluations=cal.evaluations,
                 )
-                evaluate(row, cal.schedule, f"{name} {tt:+g}")
+                prefix = setting.instructions[0 if sign > 0 else 1] if prefixed else None
+                evaluate(row, cal.schedule, f"{name} {tt:+g}", prefix)
             costs[name][f"{t:g}"] = cost.to_dict()
     return {
         "rows": rows,
@@ -467,7 +525,17 @@ def per_seed_ppl(nll: np.ndarray, seed_of: np.ndarray, n_seeds: int) -> list[flo
 
 SETTINGS = {
     "sst2": EvalSetting("sst2", "vader", "positive", "negative"),
-    "hate": EvalSetting("hate", "profanity", "hateful", "not hateful", (" hate", " love")),
+    "hate": EvalSetting(
+        "hate",
+        "profanity",
+        "hateful",
+        "not hateful",
+        (" hate", " love"),
+        (
+            "The following text is hateful, offensive and insulting.\n\n",
+            "The following text is kind, respectful and polite.\n\n",
+        ),
+    ),
 }
 
 
@@ -520,7 +588,7 @@ def summarise(result: dict) -> list[dict]:
             energy_norm=0.5 * (plus["energy_norm"] + minus["energy_norm"]),
             energy_raw=0.5 * (plus["energy_raw"] + minus["energy_raw"]),
             kl_pred=0.5 * (plus["kl_pred"] + minus["kl_pred"]),
-            multiplier=0.5 * (plus["multiplier"] + minus["multiplier"]),
+            multiplier=0.5 * (plus.get("multiplier", math.nan) + minus.get("multiplier", math.nan)),
         )
         out.append(rec)
     return out

@@ -93,7 +93,7 @@ def test_steer_eval_with_exact_and_searched_strategies(setup, monkeypatch):
         setting=se.EvalSetting("toy", "words", "good", "bad"),
         kl=kl_metric(m, STEMS, dirs),
         separation=float(dirs.vectors[-1].double().norm()),
-        strategies=["min-norm", "exact", "searched"],
+        strategies=["min-norm", "exact", "searched", "prompt", "prompt+min-norm"],
         strengths=[1.0],
         calibration_stems=STEMS,
         eval_stems=[STEMS[:2], STEMS[2:]],
@@ -123,7 +123,24 @@ def test_steer_eval_with_exact_and_searched_strategies(setup, monkeypatch):
         assert "logit_readout_delta" in summ["searched"]
     table = se.format_table(list(summ.values()), "words")
     assert f" / {summ['min-norm']['cost']['forward_tokens']:,} |" in table
+    # prompting: no schedule (zero energy), scored as continuations of the unprompted stems
+    pr = [r for r in res["rows"] if r["strategy"] == "prompt"]
+    assert [r["t"] for r in pr] == [1.0, -1.0]
+    assert all(r["energy_norm"] == 0 and r["kl"][0] > 0 and "instruction" in r for r in pr)
+    both = [r for r in res["rows"] if r["strategy"] == "prompt+min-norm"]
+    assert len(both) == 2 and all(r["energy_norm"] > 0 for r in both)
     corr = se.readout_correlations(list(summ.values()))
     for v in corr.values():
         assert -1 <= v["pearson"] <= 1
     assert count_hooks(m) == 0
+
+
+def test_kl_between_a_continuation_and_itself_is_zero_and_a_prefix_moves_it(setup):
+    from steerlin.regime import Continuations, generate
+
+    m, dirs, sur = setup
+    base = generate(m, STEMS, 3)
+    assert se.kl_between(m, base, base, n_new=3) == pytest.approx(0, abs=1e-12)
+    asked = generate(m, ["very bad . " + p for p in STEMS], 3)
+    along = Continuations(None, asked.prompt_ids, base.new_ids, base.texts)
+    assert se.kl_between(m, base, along, n_new=3) > 1e-6

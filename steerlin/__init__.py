@@ -9,7 +9,9 @@ from .backend import check_model, count_hooks
 from .control import Controller, Schedule
 from .data import TASKS, LabelledPrompts, Splits, Task, load_demo_task, load_task
 from .directions import ConceptDirections
+from .energy import Metric
 from .errors import SteerlinError
+from .fisher import kl_metric
 from .frozen import FrozenContext, iter_contexts
 from .gains import cross_gains, exact_gains, scan_gains
 from .hooks import inject
@@ -31,6 +33,7 @@ __all__ = [
     "Fidelity",
     "FrozenContext",
     "LabelledPrompts",
+    "Metric",
     "Readout",
     "Schedule",
     "Splits",
@@ -49,6 +52,7 @@ __all__ = [
     "fidelity",
     "inject",
     "iter_contexts",
+    "kl_metric",
     "load_demo_task",
     "load_model",
     "load_task",

@@ -490,7 +490,7 @@ def surrogate_cross_gains(si, sj) -> Float[torch.Tensor, " L"]:
     The injection b^j_l is projected onto surrogate i's basis at layer l and propagated by
     its reduced dynamics: h^{ij}_l = c_i^T A_{L-1} ... A_{l+1} A_l P_l^T b^j_l. Exact when b^j_l
     lies in span(P^i_l); otherwise it keeps only the part the basis sees (measure with
-    `steerlin.evaluate.cross_gains` for the exact first-order value).
+    `steerlin.cross_gains` for the exact first-order value).
     """
     if not hasattr(si, "A"):
         raise InputError(

@@ -1,0 +1,219 @@
+"""Where to steer: per-layer judged effect at matched KL vs the predictors (issue 27).
+
+    python benchmarks/where_to_steer.py                  # Gemma-3-270m, SST-2, KL 0.1 and 0.3
+    python benchmarks/where_to_steer.py --task hate --seeds 1 --quick
+
+Ground truth: for each layer l alone, the concept direction unit_l is injected (last prompt
+token and every generated token, as `apply` steers generation) with the amplitude at which the
+measured next-token KL along the unsteered 8-token continuations of the 12 calibration stems
+equals each `--kl` level (bisection on the full model); greedy continuations of the held-out
+stems at +a and -a are judged (VADER for sst2, alt-profanity-check for hate); the per-layer
+effect is the judged Δ(+,−). Predictors (steerlin.predictors, no generation): exact gains
+|h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll, the logit lens accuracy A_lin (LAP)
+and a held-out linear probe's accuracy on x_l. Each is scored by Spearman across layers with
+the judged effect and by the judged effect at its top layer over the best layer's.
+Writes benchmarks/results/where_to_steer_<task>.json and docs/img/where_to_steer_<task>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import steerlin
+from steerlin import predictors as pr
+from steerlin.judges import get_judge
+from steerlin.regime import bisect_multiplier, generate, regime_kl
+from steerlin.steer_eval import SETTINGS, neutral_stems
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
+F64 = torch.float64
+
+
+def layer_effects(model, dirs, task: str, levels, seeds: int, tokens: int, log) -> dict:
+    """Judged Δ(+,−) per layer at each KL level (see the module docstring)."""
+    L = model.cfg.n_layers
+    stems = neutral_stems()
+    cal = generate(model, stems["calibration"], 8)
+    flat = stems["eval"][: 12 * seeds]
+    judge = get_judge(SETTINGS[task].judge)
+    b = dirs.b[:L].to(F64)
+    out = {str(k): {"amp": [], "kl": [], "delta": [], "plus": [], "minus": []} for k in levels}
+    t0 = time.time()
+    for layer in range(L):
+        vec = torch.zeros(L, b.shape[1], dtype=F64)
+        vec[layer] = b[layer]
+        for k in levels:
+            rec = out[str(k)]
+            if not bool(vec.any()):
+                for key in rec:
+                    rec[key].append(float("nan"))
+                continue
+            f = lambda a, v=vec: regime_kl(model, cal, a * v)
+            a, kl, _ = bisect_multiplier(f, k, tol=0.05, max_evaluations=30)
+            js = []
+            for sign in (1, -1):
+                s = steerlin.Schedule(
+                    torch.zeros(L, dtype=F64).index_fill(0, torch.tensor([layer]), sign * a),
+                    dirs.unit[:L].to(F64),
+                    dirs.scale[:L].to(F64),
+                    {"strategy": f"layer {layer}"},
+                )
+                js.append(float(np.mean(judge(generate(model, flat, tokens, s).texts))))
+            rec["amp"].append(a)
+            rec["kl"].append(kl)
+            rec["plus"].append(js[0])
+            rec["minus"].append(js[1])
+            rec["delta"].append(js[0] - js[1])
+            log(
+                f"  layer {layer:2d} KL {kl:.3f}: amplitude {a:.3g}, judged Δ {js[0] - js[1]:+.3f}"
+                f" ({time.time() - t0:.0f} s)"
+            )
+    return out
+
+
+def plot(res: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    levels = list(res["judged"])
+    L = len(res["judged"][levels[0]]["delta"])
+    x = np.arange(L)
+    w = 0.8 / len(levels)
+    for i, k in enumerate(levels):
+        ax.bar(
+            x + (i - (len(levels) - 1) / 2) * w,
+            res["judged"][k]["delta"],
+            w,
+            alpha=0.5,
+            label=f"judged Δ(+,−), KL {k}",
+        )
+    ax2 = ax.twinx()
+    for name, v in res["predictors"].items():
+        v = np.array(v, dtype=float)
+        ax2.plot(x, v / np.nanmax(np.abs(v)), marker="o", ms=3, label=name)
+    ax.set_xlabel("injection layer l (x_l)")
+    ax.set_ylabel("judged Δ(+,−)")
+    ax2.set_ylabel("predictor / its max")
+    ax.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="upper right", fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="sst2", choices=sorted(TASKS))
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--sizes", default="200,50", help="concept,operating prompts per class")
+    ap.add_argument("--d", type=int, default=8)
+    ap.add_argument("--kl", default="0.1,0.3", help="KL levels (nats/token)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds of 12 held-out stems")
+    ap.add_argument("--tokens", type=int, default=30)
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.kl, args.tokens = "32,16", "0.3", 12
+    torch.set_num_threads(args.threads)
+    log = lambda m: print(m, flush=True)
+    model = steerlin.load_model(args.model)
+    tk = steerlin.load_task(TASKS[args.task], data_dir=args.data_dir)
+    nc, no = (int(x) for x in args.sizes.split(","))
+    sp = tk.split(nc, no, 0, seed=0)
+    t0 = time.time()
+    dirs = steerlin.ConceptDirections.fit(
+        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
+    )
+    ops = list(sp.operating.texts)
+    timings = {}
+    t = time.time()
+    h = steerlin.exact_gains(model, ops, dirs)
+    timings["exact_gains"] = time.time() - t
+    t = time.time()
+    sur = steerlin.Surrogate.fit(model, ops, dirs, d=args.d)
+    timings["surrogate"] = time.time() - t
+    t = time.time()
+    F = steerlin.kl_metric(model, neutral_stems()["calibration"], dirs)
+    timings["kl_metric"] = time.time() - t
+    # A_lin and the probe on the operating split (held out from the directions' concept split)
+    words = SETTINGS[args.task].label_words
+    lab = list(sp.operating.labels)
+    t = time.time()
+    alin = pr.logit_lens_accuracy(model, ops, lab, label_words=words)
+    timings["logit_lens"] = time.time() - t
+    t = time.time()
+    probe = pr.probe_accuracy(model, ops, lab)
+    timings["probe"] = time.time() - t
+    preds = {
+        "exact |h|": pr.gain_curve(h),
+        "surrogate |h|": pr.gain_curve(sur.gains),
+        "h²/F_ll (exact)": pr.gain_per_kl(h, F),
+        "A_lin (logit lens)": alin,
+        "probe accuracy": probe,
+    }
+    log(f"{args.task}: predictors in {time.time() - t0:.0f} s; per-layer sweep:")
+    t = time.time()
+    levels = [float(x) for x in args.kl.split(",")]
+    judged = layer_effects(model, dirs, args.task, levels, args.seeds, args.tokens, log)
+    timings["sweep"] = time.time() - t
+    scores = {}
+    for k, rec in judged.items():
+        # layers where the direction is zero (nothing to inject) are left out of the scores
+        d = torch.tensor(rec["delta"], dtype=F64)
+        ok = torch.nonzero(~torch.isnan(d)).flatten()
+        sc = pr.score_predictors({n: p[ok] for n, p in preds.items()}, d[ok])
+        for v in sc.values():
+            v["top_layer"] = int(ok[v["top_layer"]])
+        scores[k] = sc
+    res = {
+        "command": "python benchmarks/where_to_steer.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)
+        ),
+        "args": vars(args),
+        "predictors": {n: p.tolist() for n, p in preds.items()},
+        "judged": judged,
+        "scores": scores,
+        "timings_s": timings,
+    }
+    lines = [
+        "| predictor | "
+        + " | ".join(f"Spearman (KL {k}) | top layer: effect / best (KL {k})" for k in judged)
+        + " |",
+        "|---|" + "---|---|" * len(judged),
+    ]
+    for n in preds:
+        cells = []
+        for k in judged:
+            s = scores[k][n]
+            cells += [f"{s['spearman']:+.2f}", f"l={s['top_layer']}: {s['top_fraction']:.2f}"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    log(table)
+    res["table"] = table
+    suffix = "_quick" if args.quick else ""
+    out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
+    out.write_text(json.dumps(res, indent=1))
+    img = ROOT / "docs" / "img" / f"where_to_steer_{args.task}{suffix}.png"
+    img.parent.mkdir(parents=True, exist_ok=True)
+    plot(
+        res, img, f"{args.model}, {args.task}: judged effect per layer at matched KL vs predictors"
+    )
+    log(f"wrote {out} and {img}")
+
+
+if __name__ == "__main__":
+    main()

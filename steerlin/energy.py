@@ -29,7 +29,6 @@ from jaxtyping import Float
 from .errors import InputError, ShapeError
 
 F64 = torch.float64
-METRICS = ("norm", "raw", "kl")
 
 
 @dataclass(frozen=True)
@@ -130,4 +129,4 @@ def least_norm(
     return u
 
 
-__all__ = ["Metric", "make_metric", "least_norm", "METRICS"]
+__all__ = ["Metric", "make_metric", "least_norm"]

@@ -22,7 +22,6 @@ from .backend import Model, check_model, count_hooks
 from .errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
 
 Positions = Literal["last", "all", "generated"] | tuple[Literal["from"], int]
-POSITIONS = ("last", "all", "generated", ("from", "<index>"))
 #: The one default of every steering entry point (`inject`, `Schedule.apply`, `Controller.apply`,
 #: `Schedule.hooks`): the last real token of each forward, which is what the surrogate models
 #: (the frozen-context injection at the last token) and, under `model.generate` with its KV cache
@@ -302,7 +301,6 @@ def inject(
 
 __all__ = [
     "DEFAULT_POSITIONS",
-    "POSITIONS",
     "Injection",
     "PositionPolicy",
     "check_model",

@@ -28,7 +28,7 @@ from . import backend
 from .backend import check_model
 from .errors import InputError, NonFiniteError, UnreachableTargetError
 from .fisher import full_logits
-from .hooks import resid_pre_name
+from .hooks import resid_post_name, resid_pre_name
 from .validate import check_int, check_number, check_text_prompts
 
 POLICIES = ("last", "generated", "all")
@@ -168,7 +168,7 @@ def final_states(
             rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
             got["x"] = resid[rows, meas.to(resid.device)].detach()
 
-        hooks = [(f"blocks.{L - 1}.hook_resid_post", grab)]
+        hooks = [(resid_post_name(L - 1), grab)]
         if vectors is not None:
             vec = vectors.to(device=tokens.device, dtype=model.cfg.dtype)
             for layer in (vec != 0).any(-1).nonzero().flatten().tolist():
@@ -244,7 +244,7 @@ def continuation_scores(
         sub = cont.subset(range(s, min(s + batch_size, len(cont))))
         tokens, plen, tlen = _batch(model, sub)
         got = {}
-        hooks = [(f"blocks.{L - 1}.hook_resid_post", lambda r, hook: got.__setitem__("x", r))]
+        hooks = [(resid_post_name(L - 1), lambda r, hook: got.__setitem__("x", r))]
         with torch.no_grad():
             backend.get(model).run_with_hooks(model, tokens, hooks, return_type=None)
             for i in range(len(sub)):

@@ -12,11 +12,6 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-SEP_HELP = (
-    "one class separation = the difference of the readout's class means on the concept split "
-    "(label 1 minus label 0): +1 moves a prompt from the mean of class 0 to the mean of class 1"
-)
-
 
 @dataclass(frozen=True)
 class Target:
@@ -96,4 +91,4 @@ def resolve_target(target, meta: dict, *, units: str = "separations") -> Target:
     return Target(t * sep, t, sep, plus, minus)
 
 
-__all__ = ["Target", "resolve_target", "separation_info", "SEP_HELP"]
+__all__ = ["Target", "resolve_target", "separation_info"]

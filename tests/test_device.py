@@ -24,7 +24,8 @@ Not covered on the fake device, and why:
   tensors hold.
 * the fit's layer-major sweep (JVPs and VJPs under `torch.func.vmap`/`jvp`): functorch wraps
   the tensors in its own batched/dual wrappers, which the Python-level checks here cannot look
-  through (the same device-guard failure follows).
+  through (the same device-guard failure follows). `kl_metric` (vmap over JVPs of the logits)
+  is out for the same reason.
 These paths run in `test_whole_path_on_device` on a real GPU; on the CPU their device handling
 is the frozen-context boundary that the covered paths share (`FrozenContext` on the model's
 device, tangents moved there, results moved back to the CPU in float64).

@@ -101,8 +101,32 @@ def test_calibrate_regime_hits_target(gemma_like, positions):
     target = 0.5 * float(dirs.vectors[-1].norm())
     cal = calibrate_regime(gemma_like, cont, sched, target, rd, positions=positions, n_new=4)
     assert cal.positions == positions
-    again = measure_regime_shift(
-        gemma_like, cont, cal.schedule.vectors, rd, positions=positions, n_new=cal.n_new
-    )
-    assert again == pytest.approx(target, rel=1.1e-2)
     assert cal.schedule.meta["positions"] == positions
+    # independently of the regime module: one prompt at a time, the calibrated additions as
+    # `inject` hooks over prompt + continuation, x_L read where the policy measures
+    L, n = gemma_like.cfg.n_layers, cal.n_new
+    shifts = []
+    for i, p in enumerate(ops):
+        seq = torch.tensor([list(p) + cont.new_ids[i, : n - 1].tolist()])
+        start = len(p) - 1
+        meas = slice(start, start + 1) if positions == "last" else slice(start, start + n)
+        if positions == "last":
+            seq = seq[:, : len(p)]
+        where = "all" if positions == "all" else ("from", start)
+
+        def final(ctx, seq=seq):
+            got = {}
+            grab = lambda r, hook: got.__setitem__("x", r[0])
+            with ctx, torch.no_grad():
+                gemma_like.run_with_hooks(
+                    seq, return_type=None, fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", grab)]
+                )
+            return got["x"]
+
+        from contextlib import nullcontext
+
+        x0 = final(nullcontext())[meas]
+        x1 = final(inject(gemma_like, cal.schedule.additions(), positions=where))[meas]
+        shifts.append(rd(gemma_like, x1) - rd(gemma_like, x0))
+    measured = float(torch.cat(shifts).mean())
+    assert measured == pytest.approx(target, rel=1.1e-2)

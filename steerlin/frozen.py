@@ -579,17 +579,24 @@ class BlockUpcast:
     """float32 copies of a bfloat16/float16 model's blocks, `keep` blocks at a time.
 
     `block(layer)` returns a copy of block `layer` computing in float32 (the backend's
-    `upcast_block`: weights cast, rotary tables recomputed in float32, no hooks), built on first
-    use and dropped when another block is asked for (least recently used beyond `keep`), so at
-    most `keep` blocks exist in float32 at once: memory one block in float32, never the model.
-    A copy is rebuilt if the block's weights were edited in place. `derived(layer, name,
-    build)` caches build(copy) with the copy (the fast engine's fused weights). One instance
-    is shared per model by every live context (`upcaster`); it goes with the last of them.
+    `upcast_block`: weights cast, rotary tables recomputed in float32, no hooks), filled on
+    first use and emptied when another block is asked for (least recently used beyond `keep`),
+    so at most `keep` blocks' weights exist in float32 at once: memory one block in float32,
+    never the model. An emptied copy keeps its module objects (no storage) and is refilled by
+    casting the model's weights again, ~5x cheaper than a new copy; its float32 buffers (rotary
+    tables) are shared by every copy that has equal ones. Weights edited in place are picked
+    up on the next fill. `derived(layer, name, build)` caches build(copy) while the copy is
+    filled (the fast engine's fused weights). One instance is shared per model by every live
+    context (`upcaster`); it goes with the last of them.
     """
 
     def __init__(self, model: Model, dtype: torch.dtype = torch.float32, keep: int = 1):
         self.model, self.dtype, self.keep = model, dtype, keep
         self._cache: OrderedDict[int, tuple[tuple, torch.nn.Module, dict]] = OrderedDict()
+        self._skeletons: dict[int, tuple[torch.nn.Module, list, int]] = {}
+        self._pool: list[torch.Tensor] = []  # float32 buffers shared by the copies
+        self._bytes = [0]  # float32 bytes this instance holds (upcast_stats)
+        weakref.finalize(self, _release_bytes, self._bytes)
 
     def _key(self, layer: int) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.model.blocks[layer].parameters())
@@ -600,13 +607,58 @@ class BlockUpcast:
         if hit is not None and hit[0] == key:
             self._cache.move_to_end(layer)
             return hit[1]
-        self._cache.pop(layer, None)
-        while len(self._cache) >= self.keep:  # release before building the next copy
-            self._cache.popitem(last=False)
-        mod = backend.get(self.model).upcast_block(self.model, layer, self.dtype)
-        _track(list(mod.parameters()) + list(mod.buffers()))
+        self._evict(layer)
+        while len(self._cache) >= self.keep:  # release before filling the next copy
+            self._evict(next(iter(self._cache)))
+        skel = self._skeletons.get(layer)
+        if skel is None:
+            mod = backend.get(self.model).upcast_block(self.model, layer, self.dtype)
+            src = list(self.model.blocks[layer].parameters())
+            pairs = list(zip(mod.parameters(), src, strict=True))
+            if any(d.shape != s_.shape for d, s_ in pairs):
+                raise RuntimeError("internal: a block copy's parameters do not match the block's")
+            self._share_buffers(mod)
+            nbytes = sum(d.numel() * d.element_size() for d, _ in pairs)
+            self._skeletons[layer] = (mod, pairs, nbytes)
+        else:
+            mod, pairs, nbytes = skel
+            with torch.no_grad():
+                for dst, src_p in pairs:
+                    dst.data = src_p.detach().to(self.dtype)
+        _add_bytes(nbytes, self._bytes)
         self._cache[layer] = (key, mod, {})
         return mod
+
+    def _evict(self, layer: int) -> None:
+        """Empty block `layer`'s copy (its weights' storage and derived tensors go)."""
+        if self._cache.pop(layer, None) is None:
+            return
+        _, pairs, nbytes = self._skeletons[layer]
+        for dst, _ in pairs:
+            dst.data = dst.data.new_empty(0)
+        _add_bytes(-nbytes, self._bytes)
+
+    def _share_buffers(self, mod: torch.nn.Module) -> None:
+        for m in mod.modules():
+            for name, buf in list(m._buffers.items()):
+                if buf is None or not buf.is_floating_point():
+                    continue
+                same = next(
+                    (
+                        t
+                        for t in self._pool
+                        if t.shape == buf.shape
+                        and t.dtype == buf.dtype
+                        and t.device == buf.device
+                        and torch.equal(t, buf)
+                    ),
+                    None,
+                )
+                if same is None:
+                    self._pool.append(buf)
+                    _add_bytes(buf.numel() * buf.element_size(), self._bytes)
+                else:
+                    m._buffers[name] = same
 
     def derived(self, layer: int, name: str, build: Callable[[torch.nn.Module], object]):
         mod = self.block(layer)
@@ -618,19 +670,31 @@ class BlockUpcast:
         return extras[name]
 
     def release(self) -> None:
-        """Drop every float32 copy now."""
-        self._cache.clear()
+        """Empty every float32 copy now."""
+        for layer in list(self._cache):
+            self._evict(layer)
 
 
 _UPCASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LIVE = {"bytes": 0, "peak": 0}
 
 
+def _add_bytes(n: int, holder: list) -> None:
+    holder[0] += n
+    _LIVE["bytes"] += n
+    _LIVE["peak"] = max(_LIVE["peak"], _LIVE["bytes"])
+
+
+def _release_bytes(holder: list) -> None:
+    _LIVE["bytes"] -= holder[0]
+
+
 def _track(tensors: list[torch.Tensor]) -> None:
-    """Count the bytes of float32 copies alive (upcast_stats), freed when each tensor is."""
+    """Count the bytes of float32 tensors alive (upcast_stats), freed when each tensor is
+    (views of another tensor are not counted again)."""
     seen: set[int] = set()
     for t in tensors:
-        if id(t) in seen or t.dtype not in JVP_DTYPES:
+        if id(t) in seen or t.dtype not in JVP_DTYPES or t._base is not None:
             continue
         seen.add(id(t))
         n = t.numel() * t.element_size()

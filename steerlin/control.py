@@ -21,6 +21,7 @@ from jaxtyping import Float
 from .energy import least_norm, make_metric
 from .errors import InputError, LayerError, ShapeError, SteerlinError
 from .linalg import gains_from_reduced
+from .readouts import schedule_readouts
 from .schedule import Schedule
 from .targets import resolve_target
 from .validate import check_int, check_layers, check_surrogate, check_targets
@@ -250,15 +251,15 @@ class Controller:
         `ctrl.calibrate(...)` do the same.
         """
         from .regime import calibrate_regime
-        from .verify import _schedule_readout
 
         if not self.single:
             raise InputError("calibrate: one concept at a time (a single multiplier per readout)")
+        n_tokens = check_int("n_tokens", n_tokens, min=0)
         regime = _regime_of(positions)
         if regime == "generated" and int(n_tokens) == 0:
             regime = "last"
         sched = self.schedule if schedule is None else schedule
-        rd = _schedule_readout(model, sched, readout, None)[0]
+        rd = schedule_readouts(model, sched, readout, None)[0]
         cal = calibrate_regime(
             model,
             prompts,

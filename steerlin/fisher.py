@@ -52,7 +52,7 @@ def injection_responses(
 def _fisher_rows(model, xL: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """Σ over the rows of RᵀGR: xL [n, H] clean final states, T [n, L, H] tangents there."""
     L = T.shape[1]
-    out = torch.zeros(L, L, dtype=F64)
+    out = torch.zeros(L, L, dtype=F64, device=xL.device)
     f = lambda x: full_logits(model, x)
     for i in range(xL.shape[0]):
         x = xL[i]
@@ -61,7 +61,7 @@ def _fisher_rows(model, xL: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         R = R.to(F64)  # [L, V]
         m = R @ pi  # [L]
         out += (R * pi) @ R.T - torch.outer(m, m)
-    return out
+    return out.cpu()
 
 
 def kl_metric(

@@ -11,7 +11,7 @@ from jaxtyping import Float
 
 from . import backend
 from .backend import Model
-from .errors import InputError
+from .errors import InputError, ShapeError
 
 ReadoutKind = Literal["concept", "logits"]
 
@@ -86,4 +86,43 @@ def make_readout(
     return Readout("logits", pos_token=ids[0], neg_token=ids[1])
 
 
-__all__ = ["Readout", "ReadoutKind", "make_readout"]
+def schedule_readouts(model, schedule, readout, label_words) -> list[Readout]:
+    """Readout(s) a schedule's target refers to: explicit (a Readout, ConceptDirections or a
+    direction tensor [H] / [k, H]), or the schedule's own (its stored concept readout
+    direction, or the label tokens of a logit readout)."""
+    from .validate import check_distinct_tokens
+
+    if isinstance(readout, Readout):
+        return [readout]
+    if hasattr(readout, "unit") and hasattr(readout, "scale"):  # ConceptDirections
+        return [make_readout(model, "concept", readout.unit[-1])]
+    if isinstance(readout, torch.Tensor):
+        H = model.cfg.d_model
+        if readout.ndim not in (1, 2) or readout.shape[-1] != H:
+            raise ShapeError(
+                f"readout: expected a direction of shape [{H}] (or [k, {H}]), got "
+                f"{tuple(readout.shape)}"
+            )
+        rows = readout if readout.ndim == 2 else readout[None]
+        return [make_readout(model, "concept", r) for r in rows]
+    kinds = schedule.meta.get("readout", {"kind": "concept"})
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if readout in (None, "concept") and schedule.readout is not None:
+        rows = schedule.readout if schedule.readout.ndim == 2 else schedule.readout[None]
+        return [make_readout(model, "concept", r) for r in rows]
+    if readout in (None, "logits") and kinds[0].get("kind") == "logits":
+        return [
+            make_readout(model, "logits", None, label_words=[k["pos_token"], k["neg_token"]])
+            for k in kinds
+        ]
+    if readout == "logits":
+        rd = make_readout(model, "logits", None, label_words=label_words)
+        check_distinct_tokens("label_words", rd.pos_token, rd.neg_token, label_words)
+        return [rd]
+    raise InputError(
+        "readout: the schedule carries no readout direction; pass readout=ConceptDirections, "
+        "a direction tensor or a Readout"
+    )
+
+
+__all__ = ["Readout", "ReadoutKind", "make_readout", "schedule_readouts"]

@@ -18,50 +18,14 @@ import torch
 from . import backend
 from .backend import Model, check_model
 from .control import Controller
-from .directions import ConceptDirections
-from .errors import InputError, NonFiniteError, ShapeError, UnreachableTargetError
+from .errors import InputError, NonFiniteError, UnreachableTargetError
 from .frozen import ContextPool, compute_dtype, iter_contexts
 from .gains import METHODS
 from .hooks import inject, resid_post_name
-from .readouts import Readout, make_readout
+from .readouts import schedule_readouts
 from .regime import bisect_multiplier
 from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
-from .validate import check_distinct_tokens, check_int, check_number, check_schedule
-
-
-def _schedule_readout(model, schedule, readout, label_words) -> list[Readout]:
-    """Readout(s) a schedule's target refers to: explicit, or the schedule's own."""
-    if isinstance(readout, Readout):
-        return [readout]
-    if isinstance(readout, ConceptDirections):
-        return [make_readout(model, "concept", readout.unit[-1])]
-    if isinstance(readout, torch.Tensor):
-        H = model.cfg.d_model
-        if readout.ndim not in (1, 2) or readout.shape[-1] != H:
-            raise ShapeError(
-                f"readout: expected a direction of shape [{H}] (or [k, {H}]), got "
-                f"{tuple(readout.shape)}"
-            )
-        rows = readout if readout.ndim == 2 else readout[None]
-        return [make_readout(model, "concept", r) for r in rows]
-    kinds = schedule.meta.get("readout", {"kind": "concept"})
-    kinds = kinds if isinstance(kinds, list) else [kinds]
-    if readout in (None, "concept") and schedule.readout is not None:
-        rows = schedule.readout if schedule.readout.ndim == 2 else schedule.readout[None]
-        return [make_readout(model, "concept", r) for r in rows]
-    if readout in (None, "logits") and kinds[0].get("kind") == "logits":
-        return [
-            make_readout(model, "logits", None, label_words=[k["pos_token"], k["neg_token"]])
-            for k in kinds
-        ]
-    if readout == "logits":
-        rd = make_readout(model, "logits", None, label_words=label_words)
-        check_distinct_tokens("label_words", rd.pos_token, rd.neg_token, label_words)
-        return [rd]
-    raise InputError(
-        "readout: the schedule carries no readout direction; pass readout=ConceptDirections, "
-        "a direction tensor or a Readout"
-    )
+from .validate import check_int, check_number, check_schedule
 
 
 def _shift_contexts(model, contexts, vectors, readouts, alphas) -> torch.Tensor:
@@ -136,7 +100,7 @@ def measure_shift(
     if method not in METHODS:
         raise InputError(f"method: expected one of {METHODS}, got {method!r}")
     batch_size = check_int("batch_size", batch_size, min=1)
-    rds = _schedule_readout(model, schedule, readout, label_words)
+    rds = schedule_readouts(model, schedule, readout, label_words)
     if method == "hooks":
         return _shift_hooks(model, prompts, schedule, rds, 1.0, batch_size)
     contexts = iter_contexts(model, prompts, batch_size=batch_size, engine=engine)  # streamed
@@ -196,7 +160,7 @@ def calibrate(
         raise InputError(f"method: expected one of {METHODS}, got {method!r}")
     if not schedule.layers:
         raise InputError("schedule: all amplitudes are zero; nothing to calibrate")
-    rds = _schedule_readout(model, schedule, readout, label_words)[:1]
+    rds = schedule_readouts(model, schedule, readout, label_words)[:1]
     if isinstance(prompts, ContextPool) and method != "cached":
         raise InputError('prompts: a ContextPool is for method="cached"; pass the prompts')
     if method == "cached":

@@ -24,7 +24,7 @@ from .linalg import gains_from_reduced
 from .readouts import schedule_readouts
 from .schedule import Schedule
 from .targets import resolve_target
-from .validate import check_int, check_layers, check_surrogate, check_targets
+from .validate import check_int, check_layers, check_number, check_surrogate, check_targets
 
 F64 = torch.float64
 
@@ -141,6 +141,8 @@ class Controller:
             raise InputError("metric='kl' is supported for one concept at a time")
         self.calibration = None
         self._apply_positions = None
+        #: what `recommend` based its choice on (None for a Controller built directly)
+        self.recommendation = None
 
     @property
     def sign_convention(self) -> str:
@@ -319,20 +321,49 @@ class Controller:
         return cls(GainModel.build(gains, directions, readout), target, **kwargs)
 
     @classmethod
-    def recommend(cls, surrogate, *, strength: float = 1.0, sign: int = 1) -> Controller:
-        """The Controller steerlin recommends, from its behavioural evaluation
-        (`benchmarks/steer_eval.py`, docs/results.md "Steering"): the min-norm schedule over
-        all layers (metric "norm"), target ±`strength` class separations (1: on Gemma-3-270m
-        SST-2 a VADER swing of 0.83 between + and − at 1.02-1.05x perplexity; 2: 1.06 at
-        1.15-1.28x). Calibrate it before use: `.calibrate(model, prompts)` (the evaluation
-        calibrated in the generation regime). Min-KL, single-layer and middle-layer schedules
-        changed the judged text less per unit of side effect there.
+    def recommend(
+        cls,
+        surrogate,
+        *,
+        strength: float = 2.0,
+        sign: int = 1,
+        model=None,
+        prompts=None,
+        n_tokens: int = 8,
+    ) -> Controller:
+        """The Controller steerlin recommends for this model and concept, computed from it.
+
+        Which layers: the least-norm schedule over all layers, u_l ∝ h_l, so the layers with the
+        largest gains carry the amplitude (`recommendation["layers"]`: those holding 90% of
+        Σu²). How hard: ±`strength` class separations of the concept readout, calibrated on
+        `model` over `prompts` in the generation regime when both are given (the multiplier is
+        then measured on the user's model, not assumed). Why min-norm at |t| = 2 by default:
+        steer-eval's comparison of strategies (docs/results.md). `ctrl.recommendation` says
+        what the choice was based on.
         """
-        if not strength > 0:
-            raise InputError(f"strength: expected a positive number of separations, got {strength}")
+        strength = check_number("strength", strength, positive=True)
         if sign not in (1, -1):
-            raise InputError(f"sign: expected +1 or -1, got {sign}")
-        return cls(surrogate, sign * float(strength), metric="norm")
+            raise InputError(f"sign: expected +1 or -1, got {sign!r}")
+        ctrl = cls(surrogate, sign * float(strength), metric="norm")
+        u = ctrl.schedule.amplitudes.to(F64)
+        share = u.pow(2) / u.pow(2).sum()
+        order = torch.argsort(share, descending=True)
+        keep = int(torch.searchsorted(share[order].cumsum(0), torch.tensor(0.9, dtype=F64))) + 1
+        ctrl.recommendation = {
+            "strategy": "min-norm (least Σu², all layers)",
+            "layers": sorted(int(x) for x in order[:keep]),
+            "energy_share": {int(x): float(share[x]) for x in order[:keep]},
+            "strength": float(strength),
+            "sign": sign,
+            "based_on": "the surrogate's gains h_l"
+            + ("; strength calibrated on the given prompts" if model is not None else ""),
+        }
+        if model is not None:
+            if prompts is None:
+                raise InputError("prompts: recommend(model=...) needs prompts to calibrate on")
+            ctrl.calibrate(model, prompts, n_tokens=n_tokens)
+            ctrl.recommendation["multiplier"] = ctrl.calibration.multiplier
+        return ctrl
 
     @property
     def calibrated(self) -> Schedule | None:

@@ -123,6 +123,19 @@ def test_recommend(fitted):
     rec = Controller.recommend(sur, strength=2, sign=-1)
     assert rec.metric.name == "norm"
     assert float(rec.target[0]) == pytest.approx(-2 * sur.meta["separation"]["value"])
+    # the layers it names are the largest-gain ones, holding >= 90% of Σu² (u ∝ h)
+    h2 = sur.gains.to(torch.float64).pow(2)
+    got = rec.recommendation["layers"]
+    assert float(h2[got].sum() / h2.sum()) >= 0.9
+    assert min(float(h2[i]) for i in got) >= max(
+        [float(h2[i]) for i in range(len(h2)) if i not in got], default=0.0
+    )
+    m, *_ = fitted
+    ops = fitted[4]
+    cal = Controller.recommend(sur, strength=1, model=m, prompts=_cont(m, ops, 4), n_tokens=4)
+    assert cal.calibration is not None and cal.recommendation["multiplier"] > 0
+    with pytest.raises(InputError, match="strength"):
+        Controller.recommend(sur, strength=-1)
 
 
 @pytest.mark.parametrize("positions", ["last", "generated", "all"])

@@ -232,8 +232,8 @@ def _upcast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             memo[id(getattr(m, attr))] = OrderedDict()
         for buf in m.buffers(recurse=False):
-            if buf is not None and buf.is_floating_point() and id(buf) not in memo:
-                memo[id(buf)] = buf.to(dtype)
+            if buf is not None and id(buf) not in memo:  # masks shared, never copied
+                memo[id(buf)] = buf.to(dtype) if buf.is_floating_point() else buf
     return copy.deepcopy(module, memo)
 
 

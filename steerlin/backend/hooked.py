@@ -221,7 +221,10 @@ def _upcast_module(module: torch.nn.Module, cfg, dtype: torch.dtype) -> torch.nn
             if isinstance(getattr(m, attr, None), list):
                 memo[id(getattr(m, attr))] = []
         for name, buf in m.named_buffers(recurse=False):
-            if buf is None or not buf.is_floating_point():
+            if buf is None:
+                continue
+            if not buf.is_floating_point():  # masks: shared with the model, never copied
+                memo[id(buf)] = buf
                 continue
             if name in ("rotary_sin", "rotary_cos"):
                 sin, cos = m.calculate_sin_cos_rotary(

@@ -179,3 +179,37 @@ def test_kl_metric_and_measure_shift(trio):
     sched = Controller.from_gains(exact_gains(mr, prompts, dirs), dirs, 0.5).schedule
     sh, sr = measure_shift(mh, prompts, sched), measure_shift(mr, prompts, sched)
     assert _rel(sh, sr) < SAME_WEIGHTS
+
+
+@pytest.mark.gemma
+def test_gemma_bf16_exact_gains_agree_with_float32(gemma):
+    """The offline Gemma-3-270m loaded in bf16 vs float32 (the same converted weights):
+    exact gains along shared directions agree to bf16 rounding (benchmarks/bench_bf16.py
+    measures 0.08% median raw error on 32 SST-2 prompts; 1% is asserted), and the bf16 model
+    holds at most one block in float32 at a time."""
+    import os
+
+    from steerlin import load_model
+    from steerlin.metrics import fidelity
+
+    texts = [
+        "A wonderful, moving film.",
+        "The plot was dull and the acting worse.",
+        "I loved every minute of it.",
+        "A tedious, pointless mess.",
+        "Charming and funny throughout.",
+        "Boring. I left early.",
+    ]
+    labels = [1, 0, 1, 0, 1, 0]
+    cache = os.environ.get("STEERLIN_CACHE")
+    bf = load_model("gemma-3-270m", dtype=torch.bfloat16, cache_dir=cache)
+    dirs = ConceptDirections.fit(gemma, texts, labels)
+    upcast_stats(reset=True)
+    g_bf = exact_gains(bf, texts, dirs)
+    peak = upcast_stats()["peak"]
+    fid = fidelity(g_bf, exact_gains(gemma, texts, dirs), dirs.scale)
+    # ranks: near-tied raw gains of neighbouring layers may swap on 6 prompts (0.998 here)
+    assert fid.raw_spearman > 0.99 and fid.rel_err_median < 1e-2
+    assert bf.cfg.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
+    assert 0 < peak <= 2 * _block_fp32_bytes(bf) + 16 * 2**20  # + fused weights, rotary tables

@@ -193,12 +193,12 @@ def test_gemma_bf16_exact_gains_agree_with_float32(gemma):
     from steerlin.metrics import fidelity
 
     texts = [
-        "A wonderful, moving film.",
+        "A wonderful, moving film",
         "The plot was dull and the acting worse.",
-        "I loved every minute of it.",
-        "A tedious, pointless mess.",
+        "I loved every minute of it!",
+        "A tedious, pointless mess",
         "Charming and funny throughout.",
-        "Boring. I left early.",
+        "Boring. I left early!",
     ]
     labels = [1, 0, 1, 0, 1, 0]
     cache = os.environ.get("STEERLIN_CACHE")

@@ -244,6 +244,7 @@ TL4_SKIPS = {
 #: `numerics`, and `make test` runs them a second time with the BLAS pinned to AVX2, so each CI
 #: machine exercises both kernel families (AVX2 and AVX-512/AMX round differently).
 NUMERICS_FILES = {
+    "test_bf16.py",
     "test_bridge.py",
     "test_directions.py",
     "test_engine.py",

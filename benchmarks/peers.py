@@ -172,6 +172,11 @@ def main() -> None:
     ap.add_argument("--repeng-coeffs", default=GRIDS["repeng"])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument(
+        "--fixed",
+        default="",
+        help="PEER=COEFF,...: no sweep for PEER, held-out at ±COEFF (COEFF < 0 flips its sign)",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -180,6 +185,7 @@ def main() -> None:
         args.sv_coeffs, args.repeng_coeffs = "0.0625,0.125", "64,256"
     if not 1 <= args.seeds <= 3 or not 1 <= args.stems <= 12 or not 1 <= args.cal_stems <= 12:
         raise SystemExit("--seeds: 1..3, --stems / --cal-stems: 1..12")
+    fixed = {k: float(v) for k, v in (x.split("=") for x in args.fixed.split(",") if x)}
     torch.set_num_threads(args.threads)
     env = environment(args)
     t_all = time.perf_counter()
@@ -246,7 +252,7 @@ def main() -> None:
             f"{max(norms1.values()):.3g}"
         )
         sweep_rows, sweep_costs = [cal_row], []
-        for c in [float(x) for x in grids[name].split(",")]:
+        for c in [] if name in fixed else [float(x) for x in grids[name].split(",")]:
             for sign in (1, -1):
                 row, cost, _ = run_point(
                     tl, hf, tok, pv, sign * c, cal, cal_base, rd, judge, args, cal_seed, 1
@@ -258,7 +264,10 @@ def main() -> None:
                     f"ppl {row['ppl'][0] / cal_row['ppl'][0]:.2f}x KL {row['kl'][0]:.3f}"
                 )
         sweep = summarise({"rows": sweep_rows})
-        best, rule = select(sweep, args.max_ppl)
+        if name in fixed:  # no search: the coefficient given (its sign: the + direction)
+            best, rule = {"t": fixed[name], "delta": float("nan")}, "fixed by --fixed"
+        else:
+            best, rule = select(sweep, args.max_ppl)
         c = best["t"]
         say(f"{name}: selected coefficient {c:g} ({rule}; cal Δ {best['delta']:+.3f})")
         ev_rows, ev_costs = [ev_row], []
@@ -266,6 +275,7 @@ def main() -> None:
             row, cost, txt = run_point(
                 tl, hf, tok, pv, sign * c, flat, ev_base, rd, judge, args, seed_of, len(seeds)
             )
+            row["t"] = sign * abs(c)  # + is the sign meant to move toward label 1
             ev_rows.append(row)
             ev_costs.append(cost)
             samples[f"{name} {sign * c:+g}"] = txt

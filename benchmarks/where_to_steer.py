@@ -36,8 +36,11 @@ TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 F64 = torch.float64
 
 
-def layer_effects(model, dirs, task: str, levels, seeds: int, tokens: int, log) -> dict:
-    """Judged Δ(+,−) per layer at each KL level (see the module docstring)."""
+def layer_effects(
+    model, dirs, task: str, levels, seeds: int, tokens: int, log, on_layer=None
+) -> dict:
+    """Judged Δ(+,−) per layer at each KL level (see the module docstring); `on_layer(out)`
+    after each layer (the benchmark saves partial results with it)."""
     L = model.cfg.n_layers
     stems = neutral_stems()
     cal = generate(model, stems["calibration"], 8)
@@ -75,6 +78,8 @@ def layer_effects(model, dirs, task: str, levels, seeds: int, tokens: int, log) 
                 f"  layer {layer:2d} KL {kl:.3f}: amplitude {a:.3g}, judged Δ {js[0] - js[1]:+.3f}"
                 f" ({time.time() - t0:.0f} s)"
             )
+        if on_layer is not None:
+            on_layer(out)
     return out
 
 
@@ -167,7 +172,13 @@ def main() -> None:
     log(f"{args.task}: predictors in {time.time() - t0:.0f} s; per-layer sweep:")
     t = time.time()
     levels = [float(x) for x in args.kl.split(",")]
-    judged = layer_effects(model, dirs, args.task, levels, args.seeds, args.tokens, log)
+    suffix = "_quick" if args.quick else ""
+    out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
+    partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
+    save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))
+    judged = layer_effects(
+        model, dirs, args.task, levels, args.seeds, args.tokens, log, on_layer=save
+    )
     timings["sweep"] = time.time() - t
     scores = {}
     for k, rec in judged.items():
@@ -204,8 +215,6 @@ def main() -> None:
     table = "\n".join(lines)
     log(table)
     res["table"] = table
-    suffix = "_quick" if args.quick else ""
-    out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
     out.write_text(json.dumps(res, indent=1))
     img = ROOT / "docs" / "img" / f"where_to_steer_{args.task}{suffix}.png"
     img.parent.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 
 
-def run(model, task: str, args) -> dict:
+def run(model, task: str, args, checkpoint=None) -> dict:
     return run_task(
-        model, task, args, img_dir=ROOT / "docs" / "img", log=lambda m: print(m, flush=True)
+        model,
+        task,
+        args,
+        img_dir=ROOT / "docs" / "img",
+        log=lambda m: print(m, flush=True),
+        checkpoint=checkpoint,
     )
 
 
@@ -69,7 +74,12 @@ def main() -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks.split(","):
-        out["tasks"][task] = run(model, task, args)
+
+        def save(part, task=task):  # partial results as the run goes (a long run may be cut)
+            out["tasks"][task] = part | {"partial": True}
+            path.write_text(json.dumps(out, indent=1, default=str))
+
+        out["tasks"][task] = run(model, task, args, checkpoint=save)
         path.write_text(json.dumps(out, indent=1, default=str))
     print(f"\nwrote {path}")
 

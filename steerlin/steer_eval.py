@@ -231,6 +231,7 @@ def search_grid(
     max_new_tokens: int = 30,
     max_ppl: float = SEARCH_MAX_PPL,
     log=print,
+    checkpoint=None,
 ) -> dict:
     """The searched optimum: what a user finds by trying layers and coefficients.
 
@@ -276,6 +277,8 @@ def search_grid(
                     "ppl_minus": got[-1][1],
                 }
             )
+        if checkpoint is not None:
+            checkpoint({"grid": grid, "partial": True})
     ok = [g for g in grid if max(g["ppl_plus"], g["ppl_minus"]) <= max_ppl]
     best = max(ok, key=lambda g: g["delta"]) if ok else None
     if log is not None:
@@ -326,6 +329,7 @@ def steer_eval(
     logit_readout=None,
     search_coefs: Sequence[float] = SEARCH_COEFS,
     log=print,
+    checkpoint=None,
 ) -> dict:
     """Run the behavioural evaluation (see the module docstring); returns rows and samples.
 
@@ -334,6 +338,8 @@ def steer_eval(
     exact_gains: Float[L] for the "exact" strategy. logit_readout: a second readout of the
     finished text (label words) for `readout_correlations`. The returned "costs" hold each
     strategy's own steps (calibrations per |t|, or the search); the caller adds shared steps.
+    checkpoint(partial result): called after each strategy (and each searched candidate), so a
+    long run can be saved as it goes.
     """
     stems = neutral_stems()
     cal_stems = list(calibration_stems or stems["calibration"])
@@ -437,7 +443,16 @@ def steer_eval(
 
     costs: dict[str, dict] = {}
     search = None
+
+    def partial(search_state=None):
+        if checkpoint is not None:
+            checkpoint(
+                {"rows": rows, "samples": samples, "n_seeds": len(seeds), "L": L, "costs": costs}
+                | ({"search": search_state} if search_state is not None else {})
+            )
+
     for name in strategies:
+        partial(search)
         if name == "searched":
             cost = Cost()
             with cost.measure(model):
@@ -450,6 +465,7 @@ def steer_eval(
                     coefs=search_coefs,
                     max_new_tokens=max_new_tokens,
                     log=log,
+                    checkpoint=partial,
                 )
             costs[name] = {"search": cost.to_dict()}
             best = search["best"]
@@ -721,7 +737,7 @@ def plot_tradeoff(summary: list[dict], path, *, judge: str, title: str = "") -> 
     plt.close(fig)
 
 
-def run_task(model, task: str, args, *, img_dir, log=print) -> dict:
+def run_task(model, task: str, args, *, img_dir, log=print, checkpoint=None) -> dict:
     """One task of the behavioural evaluation from fitting to table, figure and samples.
 
     args: sizes ("concept,operating" per class), d, strategies, strengths (comma lists),
@@ -803,6 +819,7 @@ def run_task(model, task: str, args, *, img_dir, log=print) -> dict:
         logit_readout=logit_rd,
         search_coefs=[float(x) for x in str(getattr(args, "search_coefs", "1,2,4,8")).split(",")],
         log=log,
+        checkpoint=checkpoint,
     )
     res["shared_costs"] = {k: v.to_dict() for k, v in shared.items()}
     summ = summarise(res)

@@ -235,6 +235,23 @@ def main() -> None:
     out_peers: dict[str, dict] = {}
     samples = {"prompt": flat, "unsteered": ev_texts}
     grids = {"steering-vectors": args.sv_coeffs, "repeng": args.repeng_coeffs}
+
+    def save():  # the JSON so far (after each peer) and the printed tables at the end
+        return write(
+            out_peers,
+            setting,
+            args,
+            env,
+            t_all,
+            sep,
+            agree,
+            cal_row,
+            ev_row,
+            samples,
+            cal,
+            cal_texts,
+        )
+
     for name in args.peers.split(","):
         why = peers.available(name)
         if why is not None:
@@ -332,36 +349,8 @@ def main() -> None:
             f"{summ['ppl_worst']:.2f}x KL {summ['kl']:.3f} ({time.perf_counter() - t_all:.0f} s in)"
         )
 
-        write(
-            out_peers,
-            setting,
-            args,
-            env,
-            t_all,
-            sep,
-            agree,
-            cal_row,
-            ev_row,
-            samples,
-            cal,
-            cal_texts,
-        )
-    print(
-        write(
-            out_peers,
-            setting,
-            args,
-            env,
-            t_all,
-            sep,
-            agree,
-            cal_row,
-            ev_row,
-            samples,
-            cal,
-            cal_texts,
-        )
-    )
+        save()
+    print(save())
 
 
 def write(

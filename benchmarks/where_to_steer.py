@@ -106,11 +106,12 @@ def plot(res: dict, path: Path, title: str) -> None:
     for name, v in res["predictors"].items():
         v = np.array(v, dtype=float)
         ax2.plot(x, v / np.nanmax(np.abs(v)), marker="o", ms=3, label=name)
+    ax.set_xticks(x)
     ax.set_xlabel("injection layer l (x_l)")
     ax.set_ylabel("judged Δ(+,−)")
     ax2.set_ylabel("predictor / its max")
     ax.legend(loc="upper left", fontsize=7)
-    ax2.legend(loc="upper right", fontsize=7)
+    ax2.legend(loc="lower right", fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -163,9 +164,9 @@ def main() -> None:
     probe = pr.probe_accuracy(model, ops, lab)
     timings["probe"] = time.time() - t
     preds = {
-        "exact |h|": pr.gain_curve(h),
-        "surrogate |h|": pr.gain_curve(sur.gains),
-        "h²/F_ll (exact)": pr.gain_per_kl(h, F),
+        "exact gain": pr.gain_curve(h),
+        "surrogate gain": pr.gain_curve(sur.gains),
+        "gain² per KL, h²/F_ll": pr.gain_per_kl(h, F),
         "A_lin (logit lens)": alin,
         "probe accuracy": probe,
     }

@@ -5,13 +5,14 @@
     python benchmarks/computed_vs_searched.py --task hate
 
 Reads benchmarks/results/computed_vs_searched[_hate].json (benchmarks/steer_eval.py with the
-strategies min-norm, exact, searched, prompt: same concept split, calibration stems and
-held-out stems) and benchmarks/results/peers[_hate].json (benchmarks/peers.py: steering-vectors
-and repeng run natively on the Hugging Face Gemma-3-270m, coefficient chosen on the same
-calibration stems). One row per method: judged Δ(+,−) ± sd over seeds, perplexity ratio to the
-unsteered text (+ / −), measured KL (nats/token), cost to produce the schedule (full-model
-forward token positions and wall seconds, directions/fit/training and calibration/search
-included) and the goal's ratios against the searched optimum.
+strategies min-norm, exact, searched, prompt: same concept split, calibration stems and held-out
+stems; the searched optimum may come from a separate run, computed_vs_searched_grid[_hate].json)
+and benchmarks/results/peers[_hate].json (benchmarks/peers.py: steering-vectors and repeng run
+natively on the Hugging Face Gemma-3-270m, coefficient chosen on the same calibration stems).
+One row per method: judged Δ(+,−) ± sd over seeds, perplexity ratio to the unsteered text (+ /
+−), measured KL (nats/token), cost to produce the schedule (full-model forward token positions
+and wall seconds, directions/fit/training and calibration/search included) and the goal's ratios
+against the searched optimum.
 
 Units of cost: steerlin's counts are token positions through the first block (padding and
 KV-cached steps included, counted by a hook); the peers' are prompt + generated tokens of their
@@ -56,8 +57,13 @@ def _row(name: str, r: dict, cost: dict | None) -> dict:
 def rows_for(task: str) -> list[dict]:
     sfx = "" if task == "sst2" else f"_{task}"
     ours = json.loads((RES / f"computed_vs_searched{sfx}.json").read_text())["tasks"][task]
+    summary = list(ours["summary"])
+    grid = RES / f"computed_vs_searched_grid{sfx}.json"  # the searched optimum, if run apart
+    if grid.is_file():
+        got = json.loads(grid.read_text())["tasks"].get(task, {})
+        summary += [r for r in got.get("summary", []) if r["strategy"] == "searched"]
     out = []
-    for r in ours["summary"]:
+    for r in summary:
         if "delta" not in r:
             continue
         out.append(_row(LABEL.get(r["strategy"], r["strategy"]), r, r.get("cost")))
@@ -92,11 +98,12 @@ def table(rows: list[dict], judge: str) -> str:
             if r["tokens"] and searched["tokens"]:
                 tok = f"{r['tokens'] / searched['tokens']:.3f}"
         t = r["t"] if isinstance(r["t"], str) else f"{r['t']:g}"
+        tokens = "" if r["tokens"] is None else f"{r['tokens']:,}"
         lines.append(
             f"| {r['method']} | {t} | {r['delta']:+.3f}{_sd(r['delta_sd'])} "
             f"| {r['judge'][0]:+.3f} / {r['judge'][1]:+.3f} "
             f"| {r['ppl'][0]:.2f} / {r['ppl'][1]:.2f} "
-            f"| {r['kl']:.3f} | {r['tokens'] or '':,} | {r['seconds'] or 0:.0f} | {rel} | {kl_ok} "
+            f"| {r['kl']:.3f} | {tokens} | {r['seconds'] or 0:.0f} | {rel} | {kl_ok} "
             f"| {tok} |"
         )
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -18,10 +19,18 @@ def _resolves(dotted: str) -> bool:
         if hasattr(obj, part):
             obj = getattr(obj, part)
             continue
+        name = "steerlin." + ".".join(parts[: i + 1])
         try:
-            obj = importlib.import_module("steerlin." + ".".join(parts[: i + 1]))
+            obj = importlib.import_module(name)
         except ImportError:
-            return False
+            # a module of the other TransformerLens line (e.g. backend.fast needs TL3): it
+            # exists if its file does and defines the rest of the name
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None:
+                return False
+            src = Path(spec.origin).read_text(encoding="utf-8")
+            rest = parts[i + 1 :]
+            return not rest or re.search(rf"^(class|def) {rest[0]}\b|^{rest[0]} =", src, re.M)
     return True
 
 

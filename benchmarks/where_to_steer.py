@@ -12,7 +12,7 @@ effect is the judged Δ(+,−). Predictors (steerlin.predictors, no generation):
 |h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll, the logit lens accuracy A_lin (LAP)
 and a held-out linear probe's accuracy on x_l. Each is scored by Spearman across layers with
 the judged effect and by the judged effect at its top layer over the best layer's.
-Writes benchmarks/results/where_to_steer_<task>.json and docs/img/where_to_steer_<task>.png.
+Writes benchmarks/results/where_to_steer_<task>[_<model>].json and docs/img/ likewise (.png).
 """
 
 from __future__ import annotations
@@ -173,7 +173,9 @@ def main() -> None:
     log(f"{args.task}: predictors in {time.time() - t0:.0f} s; per-layer sweep:")
     t = time.time()
     levels = [float(x) for x in args.kl.split(",")]
-    suffix = "_quick" if args.quick else ""
+    suffix = ("" if args.model == "gemma-3-270m" else f"_{args.model}") + (
+        "_quick" if args.quick else ""
+    )
     out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
     partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
     save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))

@@ -75,14 +75,14 @@ def long_prompts(model, texts: list[str], n: int, tokens: int) -> list[list[int]
 
 
 def batches(model, prompts, batch_size: int):
-    from steerlin.trajectory import iter_batches, pad_id, tokenize
+    from steerlin.tokens import iter_batches, pad_id, tokenize
 
     ids = tokenize(model, prompts)
     return list(iter_batches(ids, batch_size, pad=pad_id(model), device=model.cfg.device))
 
 
 def token_stats(model, prompts, batch_size: int) -> dict:
-    from steerlin.trajectory import tokenize
+    from steerlin.tokens import tokenize
 
     ids = tokenize(model, prompts)
     bt = batches(model, prompts, batch_size)

@@ -16,12 +16,12 @@ then generate the held-out stems (steer-eval's 3 seeds x 12) at ± that coeffici
 
 Measured as steer-eval measures (its functions): the judge (VADER / alt-profanity-check), the
 perplexity of the continuation under the unsteered model and the model's own concept readout
-of the finished text (`steerlin.regime.continuation_scores` on the steerlin TransformerLens
+of the finished text (`steerlin.measure.continuation_scores` on the steerlin TransformerLens
 model, fed the peers' generated token ids: identical tokenizer ids are checked), summaries by
 `steerlin.steer_eval.summarise`. KL: regime_kl's definition (next-token KL along the unsteered
 continuation, first --kl-tokens positions) through the peer's own hooks on the Hugging Face
 model, with every position steered as the peers steer (cross-checked against
-`steerlin.regime.regime_kl(positions="all")` on the TransformerLens model where the peer's
+`steerlin.measure.regime_kl(positions="all")` on the TransformerLens model where the peer's
 layers allow). Cost: tokens forwarded to train and to search (generations, plus the perplexity
 scoring the selection rule needs), and generations spent; wall seconds of each.
 
@@ -45,8 +45,9 @@ from _common import DEFAULT_DATA, RESULTS, environment, say, write_results  # no
 import steerlin  # noqa: E402
 from steerlin import peers  # noqa: E402
 from steerlin.judges import get_judge  # noqa: E402
+from steerlin.measure import continuation_scores, regime_kl  # noqa: E402
 from steerlin.readouts import make_readout  # noqa: E402
-from steerlin.regime import Continuations, continuation_scores, regime_kl  # noqa: E402
+from steerlin.regime import Continuations  # noqa: E402
 from steerlin.steer_eval import SETTINGS, neutral_stems, per_seed_ppl, summarise  # noqa: E402
 
 TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}

@@ -28,7 +28,8 @@ import torch
 import steerlin
 from steerlin import predictors as pr
 from steerlin.judges import get_judge
-from steerlin.regime import bisect_multiplier, generate, regime_kl
+from steerlin.measure import bisect_multiplier, regime_kl
+from steerlin.regime import generate
 from steerlin.steer_eval import SETTINGS, neutral_stems
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,12 +16,13 @@ from .frozen import FrozenContext, iter_contexts
 from .gains import cross_gains, exact_gains, scan_gains
 from .hooks import inject
 from .loading import load_model
+from .measure import Calibration, calibrate, measure_shift
 from .metrics import Fidelity, fidelity
 from .readouts import Readout
 from .steer_eval import neutral_stems
 from .surrogate import Surrogate
 from .trajectory import Trajectory, capture
-from .verify import Calibration, calibrate, compare_energy, measure_shift
+from .verify import compare_energy
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,6 @@ from jaxtyping import Float
 from .energy import least_norm, make_metric
 from .errors import InputError, LayerError, ShapeError, SteerlinError
 from .linalg import gains_from_reduced
-from .readouts import schedule_readouts
 from .schedule import Schedule
 from .targets import resolve_target
 from .validate import check_int, check_layers, check_number, check_surrogate, check_targets
@@ -234,10 +233,10 @@ class Controller:
         n_tokens: int = 8,
         schedule: Schedule | None = None,
         readout=None,
-        tol: float = 1e-2,
+        tol: float | None = None,
         batch_size: int = 16,
     ) -> Controller:
-        """A copy of this Controller calibrated on the full model in the regime of use.
+        """Calibrate this Controller on the full model in the regime of use.
 
         One multiplier of the schedule (default: the least-norm `schedule`; or a `baseline`)
         is bisected until the mean readout shift measured on `prompts` equals the target, in
@@ -248,11 +247,11 @@ class Controller:
         the schedule on the last prompt token and every continuation token; `n_tokens=0`
         measures a single forward at the last prompt token only; "all" steers every position.
 
-        Calibrates this Controller in place (its `calibration` holds the result and its `apply`
-        uses it) and returns it, so `ctrl = ctrl.calibrate(...)` and a bare
-        `ctrl.calibrate(...)` do the same.
+        The one calibration, `steerlin.measure.calibrate` (tol None: its default `TOL`).
+        Calibrates in place (`calibration` holds the `Calibration` and `apply` uses it) and
+        returns self, so `ctrl = ctrl.calibrate(...)` and a bare `ctrl.calibrate(...)` agree.
         """
-        from .regime import calibrate_regime
+        from .measure import TOL, calibrate
 
         if not self.single:
             raise InputError("calibrate: one concept at a time (a single multiplier per readout)")
@@ -260,17 +259,15 @@ class Controller:
         regime = _regime_of(positions)
         if regime == "generated" and int(n_tokens) == 0:
             regime = "last"
-        sched = self.schedule if schedule is None else schedule
-        rd = schedule_readouts(model, sched, readout, None)[0]
-        cal = calibrate_regime(
+        cal = calibrate(
             model,
             prompts,
-            sched,
+            self.schedule if schedule is None else schedule,
             float(self.target[0]),
-            rd,
+            readout=readout,
             positions=regime,
-            n_new=max(int(n_tokens), 1),
-            tol=tol,
+            n_tokens=max(int(n_tokens), 1),
+            tol=TOL if tol is None else tol,
             batch_size=batch_size,
         )
         self.calibration = cal

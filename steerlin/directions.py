@@ -25,7 +25,8 @@ from .io import (
     model_meta,
     save_tensors,
 )
-from .trajectory import PromptsLike, Trajectory, capture
+from .tokens import PromptsLike
+from .trajectory import Trajectory, capture
 from .validate import check_int
 
 
@@ -361,7 +362,7 @@ def _logit_means(model, xL: torch.Tensor, y: torch.Tensor, chunk: int = 16):
     if the model has no unembedding."""
     if not hasattr(model, "unembed"):
         return None
-    from .fisher import full_logits
+    from .readouts import full_logits
 
     V = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0 else model.cfg.d_vocab
     # states and labels stay on the CPU (`capture` keeps them there); each chunk goes to the

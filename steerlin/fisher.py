@@ -22,19 +22,14 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 
-from . import backend
 from .backend import check_model
 from .energy import Metric
 from .errors import InputError
 from .frozen import FrozenContext, compute_dtype, iter_contexts
-from .trajectory import PromptsLike
+from .readouts import full_logits, logit_kl
+from .tokens import PromptsLike
 
 F64 = torch.float64
-
-
-def full_logits(model, x: Float[torch.Tensor, "... H"]) -> Float[torch.Tensor, "... V"]:
-    """Next-token logits from final residual states (final norm, unembedding, soft-cap)."""
-    return backend.get(model).logits(model, x, None)
 
 
 def injection_responses(
@@ -145,11 +140,9 @@ def frozen_kl(
             x = ctx.states[:, 0]
             for layer in range(ctx.n_layers):
                 x = ctx.block(layer, x + (u[layer] * b[layer].to(F64)).to(x))
-            lp0 = torch.log_softmax(full_logits(model, ctx.states[:, -1]).to(F64), -1)
-            lp1 = torch.log_softmax(full_logits(model, x).to(F64), -1)
-            total += float((lp0.exp() * (lp0 - lp1)).sum())
+            total += float(logit_kl(model, ctx.states[:, -1:], x[:, None]).sum())
             n += len(ctx)
     return total / n
 
 
-__all__ = ["kl_metric", "frozen_kl", "full_logits", "injection_responses"]
+__all__ = ["kl_metric", "frozen_kl", "injection_responses"]

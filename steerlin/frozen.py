@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from . import backend
 from .backend import Backend, Model, check_model
 from .errors import InputError, NonFiniteError, UnsupportedFeatureError
-from .trajectory import PromptsLike, iter_batches, pad_id, state_hook_names, tokenize
+from .hooks import state_hook_names
+from .tokens import PromptsLike, iter_batches, pad_id, tokenize
 
 ENGINES = ("auto", "fast", "tl")
 
@@ -491,6 +492,7 @@ class ContextPool:
         resolve_engine(model, engine)
         self.model, self.engine = model, engine
         ids = tokenize(model, prompts)
+        self.n_prompts = len(ids)
         self.batches = list(
             iter_batches(ids, batch_size, pad=pad_id(model), device=model.cfg.device)
         )

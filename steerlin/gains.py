@@ -15,17 +15,16 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from . import backend
 from .backend import Model, check_model
 from .directions import ConceptDirections
 from .errors import InputError, ModelTypeError, NonFiniteError
 from .frozen import FrozenContext, compute_dtype, iter_contexts
-from .hooks import check_layer, inject, resid_post_name
+from .hooks import check_layer
+from .identify import state_gradients
+from .measure import check_method, last_token_states
 from .readouts import Readout, make_readout
-from .trajectory import PromptsLike, iter_batches, pad_id, tokenize
+from .tokens import PromptsLike, iter_batches, pad_id, tokenize
 from .validate import check_directions
-
-METHODS = ("cached", "hooks")
 
 
 def _layers(layers, n_layers: int) -> list[int]:
@@ -39,60 +38,6 @@ def _layers(layers, n_layers: int) -> list[int]:
     if not out:
         raise InputError("layers: expected at least one layer, got an empty list")
     return out
-
-
-def state_gradients(
-    ctx: FrozenContext, readout: Readout, what: str = "exact gains: non-finite gradient"
-) -> Float[torch.Tensor, "b L H"]:
-    """∂y(p)/∂x_l for every layer l < L at once: ONE backward pass through the single-token
-    chain x_{l+1} = f_l(x_l) with a zero additive perturbation at each x_l.
-
-    These are the readout gradient propagated backwards, w_l = A_lᵀ w_{l+1} (the
-    observability vectors of the two-sided basis), and the exact gains are ⟨w_l, b_l⟩.
-    A non-finite block output or gradient raises NonFiniteError prefixed by `what`.
-
-    For a half-precision model (`ctx.upcast`) the same gradients come from the per-layer VJP
-    recursion at the clean states, one block at a time: a backward through the whole chain
-    would keep every block's float32 copy alive in the autograd graph (a float32 model copy).
-    """
-    L, st = ctx.n_layers, ctx.states
-    if getattr(ctx, "upcast", None) is not None:
-        return _blockwise_state_gradients(ctx, readout, what)
-    with torch.enable_grad():
-        u = torch.zeros(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
-        u.requires_grad_(True)
-        x = st[:, 0]
-        for layer in range(L):
-            x = ctx.block(layer, x + u[:, layer])
-            if not torch.isfinite(x).all():  # name the block before backward smears it
-                raise NonFiniteError(
-                    f"{what} at layer {layer}: the single-token block's output is not finite"
-                )
-        (W,) = torch.autograd.grad(readout(ctx.model, x).sum(), u)
-    bad = (~torch.isfinite(W)).any(-1).any(0).nonzero().flatten().tolist()
-    if bad:
-        raise NonFiniteError(f"{what} at layers {bad}")
-    return W.detach()
-
-
-def _blockwise_state_gradients(ctx, readout: Readout, what: str) -> torch.Tensor:
-    """state_gradients by w_L = ∇y(x_L), w_l = A_lᵀ w_{l+1}: one VJP per block at x_l."""
-    L, st = ctx.n_layers, ctx.states
-    W = torch.empty(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
-    w = readout.gradient(ctx.model, st[:, -1]).to(st.dtype)
-    with torch.enable_grad():
-        for layer in range(L - 1, -1, -1):
-            x = st[:, layer].detach().requires_grad_(True)
-            y = ctx.block(layer, x)
-            if not torch.isfinite(y).all():
-                raise NonFiniteError(
-                    f"{what} at layer {layer}: the single-token block's output is not finite"
-                )
-            (w,) = torch.autograd.grad(y, x, w)
-            if not torch.isfinite(w).all():
-                raise NonFiniteError(f"{what} at layers [{layer}]")
-            W[:, layer] = w
-    return W
 
 
 def per_prompt_gains(
@@ -171,8 +116,7 @@ def scan_gains(
     if not (real and math.isfinite(float(eps)) and float(eps) > 0):
         raise InputError(f"eps: expected a positive step, got {eps!r}")
     eps = float(eps)
-    if method not in METHODS:
-        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    check_method(method)
     L = model.cfg.n_layers
     layers = _layers(layers, L)
     rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
@@ -189,31 +133,12 @@ def scan_gains(
     else:
         ids = tokenize(model, prompts)
         batches = list(iter_batches(ids, batch_size, pad=pad_id(model), device=model.cfg.device))
-        name = resid_post_name(L - 1)
-        engine = backend.get(model)
         steps = [(bt, j, s) for bt in batches for j in range(len(layers)) for s in (0, 1)]
         for bt, j, s in tqdm(steps, desc="hook scan", disable=not progress, leave=False):
-            sign = 1.0 if s == 0 else -1.0
-            rows = torch.arange(len(bt.index), device=bt.tokens.device)
-            got = {}
-            with (
-                torch.no_grad(),
-                inject(
-                    model,
-                    {layers[j]: sign * eps * b[layers[j]]},
-                    positions="last",
-                    lengths=bt.lengths,
-                ),
-            ):
-                engine.run_with_hooks(
-                    model,
-                    bt.tokens,
-                    return_type=None,
-                    fwd_hooks=[
-                        (name, lambda r, hook: got.__setitem__("x", r[rows, bt.lengths - 1]))
-                    ],
-                )
-            total[j, s] += rd(model, got["x"]).to("cpu", torch.float64).sum()
+            vec = torch.zeros_like(b)
+            vec[layers[j]] = (1.0 if s == 0 else -1.0) * eps * b[layers[j]]
+            x = last_token_states(model, bt, vectors=vec)[:, 0]
+            total[j, s] += rd(model, x).to("cpu", torch.float64).sum()
         n = len(ids)
     mean = total / n
     g = (mean[:, 0] - mean[:, 1]) / (2 * eps)
@@ -287,11 +212,9 @@ def cross_gains(
 
 
 __all__ = [
-    "METHODS",
     "cross_gains",
     "exact_gains",
     "per_prompt_gains",
     "scan_context",
-    "state_gradients",
     "scan_gains",
 ]

@@ -299,7 +299,13 @@ def inject(
         yield handle
 
 
+def state_hook_names(n_layers: int) -> list[str]:
+    """Hook names of x_0..x_L: resid_pre of every block, then the last block's resid_post."""
+    return [resid_pre_name(l) for l in range(n_layers)] + [resid_post_name(n_layers - 1)]
+
+
 __all__ = [
+    "state_hook_names",
     "DEFAULT_POSITIONS",
     "Injection",
     "PositionPolicy",

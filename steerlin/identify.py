@@ -20,8 +20,61 @@ from .backend import Model
 from .directions import ConceptDirections
 from .errors import InputError, NonFiniteError
 from .frozen import FrozenContext, LayerwiseContext
-from .gains import state_gradients
 from .readouts import Readout
+
+
+def state_gradients(
+    ctx: FrozenContext, readout: Readout, what: str = "exact gains: non-finite gradient"
+) -> Float[torch.Tensor, "b L H"]:
+    """∂y(p)/∂x_l for every layer l < L at once: ONE backward pass through the single-token
+    chain x_{l+1} = f_l(x_l) with a zero additive perturbation at each x_l.
+
+    These are the readout gradient propagated backwards, w_l = A_lᵀ w_{l+1} (the
+    observability vectors of the two-sided basis), and the exact gains are ⟨w_l, b_l⟩.
+    A non-finite block output or gradient raises NonFiniteError prefixed by `what`.
+
+    For a half-precision model (`ctx.upcast`) the same gradients come from the per-layer VJP
+    recursion at the clean states, one block at a time: a backward through the whole chain
+    would keep every block's float32 copy alive in the autograd graph (a float32 model copy).
+    """
+    L, st = ctx.n_layers, ctx.states
+    if getattr(ctx, "upcast", None) is not None:
+        return _blockwise_state_gradients(ctx, readout, what)
+    with torch.enable_grad():
+        u = torch.zeros(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
+        u.requires_grad_(True)
+        x = st[:, 0]
+        for layer in range(L):
+            x = ctx.block(layer, x + u[:, layer])
+            if not torch.isfinite(x).all():  # name the block before backward smears it
+                raise NonFiniteError(
+                    f"{what} at layer {layer}: the single-token block's output is not finite"
+                )
+        (W,) = torch.autograd.grad(readout(ctx.model, x).sum(), u)
+    bad = (~torch.isfinite(W)).any(-1).any(0).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(f"{what} at layers {bad}")
+    return W.detach()
+
+
+def _blockwise_state_gradients(ctx, readout: Readout, what: str) -> torch.Tensor:
+    """state_gradients by w_L = ∇y(x_L), w_l = A_lᵀ w_{l+1}: one VJP per block at x_l."""
+    L, st = ctx.n_layers, ctx.states
+    W = torch.empty(len(ctx), L, st.shape[-1], dtype=st.dtype, device=st.device)
+    w = readout.gradient(ctx.model, st[:, -1]).to(st.dtype)
+    with torch.enable_grad():
+        for layer in range(L - 1, -1, -1):
+            x = st[:, layer].detach().requires_grad_(True)
+            y = ctx.block(layer, x)
+            if not torch.isfinite(y).all():
+                raise NonFiniteError(
+                    f"{what} at layer {layer}: the single-token block's output is not finite"
+                )
+            (w,) = torch.autograd.grad(y, x, w)
+            if not torch.isfinite(w).all():
+                raise NonFiniteError(f"{what} at layers [{layer}]")
+            W[:, layer] = w
+    return W
 
 
 def identity_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -279,4 +332,4 @@ def _e1(b: int, d: int, dtype) -> torch.Tensor:
     return e
 
 
-__all__ = ["fit_core", "identity_reduce", "observability_grams"]
+__all__ = ["state_gradients", "fit_core", "identity_reduce", "observability_grams"]

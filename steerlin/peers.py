@@ -15,7 +15,7 @@ Face causal LM (not re-implemented), for side-by-side benchmarks (issue 21).
   always undoes it (steering-vectors `SteeringVector.apply(model, multiplier=coeff)`; repeng
   `ControlModel(model, layers)` + `set_control(vector, coeff)`, then `reset` and `unwrap`).
 - `generate(...)`: greedy continuations under a `PeerVector` (no stop at EOS, as steerlin's own
-  greedy generation); `next_token_kl(...)`: steerlin's regime KL (`steerlin.regime.regime_kl`)
+  greedy generation); `next_token_kl(...)`: steerlin's regime KL (`steerlin.measure.regime_kl`)
   measured through the peer's own mechanism on the Hugging Face model.
 
 Layer indices. Both peers index a vector by the decoder block whose OUTPUT it is added to:
@@ -447,7 +447,7 @@ def next_token_kl(
 ) -> float:
     """Mean KL(clean ‖ steered) of the next-token distribution along the unsteered
     continuations `gens` (teacher-forced), at the last prompt token and the first n_new - 1
-    continuation tokens: `steerlin.regime.regime_kl`'s definition with positions="all" (the
+    continuation tokens: `steerlin.measure.regime_kl`'s definition with positions="all" (the
     peers steer every position), measured through the peer's own mechanism."""
     n = min(int(n_new), gens.new_ids.shape[1])
     total, count = 0.0, 0

@@ -25,8 +25,7 @@ import torch
 from jaxtyping import Float
 
 from .errors import InputError, ShapeError
-from .fisher import full_logits
-from .readouts import make_readout
+from .readouts import full_logits, make_readout
 from .trajectory import capture
 
 F64 = torch.float64

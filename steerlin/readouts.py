@@ -125,4 +125,30 @@ def schedule_readouts(model, schedule, readout, label_words) -> list[Readout]:
     )
 
 
-__all__ = ["Readout", "ReadoutKind", "make_readout", "schedule_readouts"]
+def full_logits(model, x: Float[torch.Tensor, "... H"]) -> Float[torch.Tensor, "... V"]:
+    """Next-token logits from final residual states (final norm, unembedding, soft-cap)."""
+    return backend.get(model).logits(model, x, None)
+
+
+def logit_kl(
+    model, x0: Float[torch.Tensor, "b n H"], x1: Float[torch.Tensor, "b n H"]
+) -> Float[torch.Tensor, "b n"]:
+    """KL(p(x0) ‖ p(x1)) of the next-token distributions from final residual states, float64
+    (one row of b at a time: the vocabulary-sized logits stay O(n·V))."""
+    out = []
+    with torch.no_grad():
+        for i in range(x0.shape[0]):
+            lp0 = torch.log_softmax(full_logits(model, x0[i]).to(torch.float64), -1)
+            lp1 = torch.log_softmax(full_logits(model, x1[i]).to(torch.float64), -1)
+            out.append((lp0.exp() * (lp0 - lp1)).sum(-1).cpu())
+    return torch.stack(out)
+
+
+__all__ = [
+    "Readout",
+    "ReadoutKind",
+    "make_readout",
+    "schedule_readouts",
+    "full_logits",
+    "logit_kl",
+]

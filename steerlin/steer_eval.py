@@ -54,16 +54,9 @@ from tqdm.auto import tqdm
 
 from .energy import Metric, least_norm
 from .errors import InputError, UnreachableTargetError
-from .fisher import full_logits
 from .judges import get_judge
-from .regime import (
-    Continuations,
-    calibrate_regime,
-    continuation_scores,
-    final_states,
-    generate,
-    regime_kl,
-)
+from .measure import calibrate, continuation_scores, kl_between, regime_kl
+from .regime import Continuations, generate
 
 F64 = torch.float64
 STRATEGIES = (
@@ -291,23 +284,6 @@ def search_grid(
     return {"grid": grid, "best": best, "amplitudes_per_coef": per_c.tolist()}
 
 
-def kl_between(
-    model, clean: Continuations, other: Continuations, vectors=None, *, n_new: int
-) -> float:
-    """Mean KL(clean ‖ other) of the next-token distribution at the n_new positions that
-    predict the same continuation tokens: `other` holds the same continuations after other
-    prompt ids (e.g. with an instruction prefix), steered by `vectors` if given."""
-    x0 = final_states(model, clean, None, n_new=n_new)
-    x1 = final_states(model, other, vectors, n_new=n_new)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(x0.shape[0]):
-            lp0 = torch.log_softmax(full_logits(model, x0[i]).to(F64), -1)
-            lp1 = torch.log_softmax(full_logits(model, x1[i]).to(F64), -1)
-            total += float((lp0.exp() * (lp0 - lp1)).sum())
-    return total / (x0.shape[0] * x0.shape[1])
-
-
 def steer_eval(
     model,
     surrogate,
@@ -502,14 +478,14 @@ def steer_eval(
                 row = {"strategy": name, "t": tt, "layers": sched.layers}
                 try:
                     with cost.measure(model):
-                        cal = calibrate_regime(
+                        cal = calibrate(
                             model,
                             cal_cont,
                             sched,
                             target,
-                            readout,
+                            readout=readout,
                             positions="generated",
-                            n_new=calibration_tokens,
+                            n_tokens=calibration_tokens,
                         )
                 except UnreachableTargetError as exc:
                     row.update(error=str(exc))

@@ -52,7 +52,8 @@ from steerlin.errors import (
     ShapeError,
     SteerlinError,
 )
-from steerlin.regime import calibrate_regime, generate
+from steerlin.measure import calibrate_regime
+from steerlin.regime import generate
 
 N = 12
 LABELS = [0, 1] * (N // 2)

@@ -171,7 +171,7 @@ def test_bf16_on_cuda(trio):
 
 def test_kl_metric_and_measure_shift(trio):
     from steerlin.fisher import kl_metric
-    from steerlin.verify import measure_shift
+    from steerlin.measure import measure_shift
 
     m32, mh, mr, prompts, _, dirs = trio
     Fh, Fr = kl_metric(mh, prompts, dirs).meta["F"], kl_metric(mr, prompts, dirs).meta["F"]

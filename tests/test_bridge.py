@@ -37,7 +37,7 @@ from steerlin import backend, capture, count_hooks, inject
 from steerlin.backend.common import tl_major
 from steerlin.errors import FileFormatError, ModelLoadError
 from steerlin.frozen import iter_contexts
-from steerlin.trajectory import state_hook_names
+from steerlin.hooks import state_hook_names
 
 TL4 = tl_major() >= 4
 bridge_only = pytest.mark.skipif(not TL4, reason="TransformerBridge backend (TransformerLens 4)")
@@ -155,7 +155,7 @@ def test_frozen_block_is_the_full_model_with_only_the_last_token_moved(arch_mode
     def read(resid, hook):
         seen["out"] = resid[rows, last]
 
-    from steerlin.trajectory import iter_batches, pad_id, tokenize
+    from steerlin.tokens import iter_batches, pad_id, tokenize
 
     batch = next(iter_batches(tokenize(model, LONG + OPS[:1]), 2, pad=pad_id(model), device="cpu"))
     engine = backend.get(model)

@@ -29,7 +29,7 @@ from steerlin import (
     exact_gains,
     measure_shift,
 )
-from steerlin import verify as _verify
+from steerlin import measure as _measure
 from steerlin.control import surrogate_cross_gains
 from steerlin.errors import InputError, LayerError, ShapeError, UnreachableTargetError
 from steerlin.linalg import gains_from_reduced
@@ -360,7 +360,7 @@ def _calibrate_on(setup, response, target, **kw):
         return torch.tensor([[response(a)]], dtype=F64)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_verify, "_shift_contexts", fake)
+        mp.setattr(_measure, "_shift_contexts", fake)
         return calibrate(model, prompts, sched, target, **kw), seen
 
 

@@ -46,8 +46,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.gains import exact_gains, scan_gains
 from steerlin.hooks import inject
+from steerlin.measure import calibrate, measure_shift
 from steerlin.trajectory import capture
-from steerlin.verify import calibrate, measure_shift
 
 DEVICES = [
     "cpu",
@@ -368,7 +368,7 @@ def test_fake_cuda_device_catches_mixing():
 
 
 def _catches_mixing():
-    from steerlin.fisher import full_logits
+    from steerlin.readouts import full_logits
 
     model = to_fake_cuda(make_gpt2_like())
     x_cpu = torch.randn(2, model.cfg.d_model, dtype=torch.float64)
@@ -390,7 +390,7 @@ def test_fake_cuda_device_catches_the_logit_means_bug(monkeypatch):
     """The issue-26 bug, put back: CPU final states sent into the unembedding with no device,
     summed into CPU tensors. The fake device reports it on this CPU-only machine."""
     import steerlin.directions as D
-    from steerlin.fisher import full_logits
+    from steerlin.readouts import full_logits
 
     def old_logit_means(model, xL, y, chunk=16):
         sums = torch.zeros(2, model.cfg.d_vocab, dtype=torch.float64)

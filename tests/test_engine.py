@@ -303,7 +303,7 @@ def test_surrogate_fit_fast_equals_tl(wired, basis):
 
 def test_measure_shift_and_calibrate_fast_equal_tl(wired):
     from steerlin import Controller, Surrogate, exact_gains
-    from steerlin.verify import calibrate, measure_shift
+    from steerlin.measure import calibrate, measure_shift
 
     model, prompts, dirs = wired
     sur = Surrogate.fit(model, prompts, dirs, d=4, batch_size=4)

@@ -7,8 +7,8 @@ from steerlin import ConceptDirections, Controller, Surrogate, capture, exact_ga
 from steerlin.data import load_task
 from steerlin.frozen import iter_contexts
 from steerlin.hooks import inject
+from steerlin.measure import calibrate, measure_shift
 from steerlin.metrics import fidelity
-from steerlin.verify import calibrate, measure_shift
 
 pytestmark = pytest.mark.gemma
 
@@ -147,8 +147,9 @@ def test_steered_generation_moves_in_the_intended_direction(gemma, sst2, dirs):
     """Calibrated ±1 class separation in the generation regime: the unsteered model's own
     readout of the finished continuations is ordered + > unsteered-ish > −, on 12 held-out
     neutral stems (means; the eval shows a ~0.9 separation swing at t = 1)."""
+    from steerlin.measure import continuation_scores
     from steerlin.readouts import make_readout
-    from steerlin.regime import continuation_scores, generate
+    from steerlin.regime import generate
     from steerlin.steer_eval import neutral_stems
 
     sur = Surrogate.fit(gemma, list(sst2.operating.texts), dirs, d=8)

@@ -16,9 +16,9 @@ from conftest import random_prompts
 
 from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.hooks import inject
+from steerlin.measure import calibrate_regime, final_states, measure_regime_shift, measure_shift
 from steerlin.readouts import make_readout
-from steerlin.regime import Continuations, calibrate_regime, final_states, measure_regime_shift
-from steerlin.verify import measure_shift
+from steerlin.regime import Continuations
 
 
 def _setup(model):

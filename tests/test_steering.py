@@ -12,8 +12,8 @@ from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.energy import Metric, make_metric
 from steerlin.errors import InputError
 from steerlin.fisher import kl_metric
+from steerlin.measure import measure_regime_shift
 from steerlin.readouts import make_readout
-from steerlin.regime import measure_regime_shift
 
 F64 = torch.float64
 

@@ -12,7 +12,9 @@ import torch
 from conftest import make_gpt2_like, random_prompts
 
 from steerlin.errors import InputError, ModelTypeError, ShapeError
-from steerlin.trajectory import Trajectory, capture, iter_batches, state_hook_names, tokenize
+from steerlin.hooks import state_hook_names
+from steerlin.tokens import iter_batches, tokenize
+from steerlin.trajectory import Trajectory, capture
 
 
 def _reference_states(model, prompts):

@@ -178,7 +178,8 @@ def _demo_generation(run, model, sur, args) -> None:
 
     from ..control import Controller
     from ..errors import InputError, UnreachableTargetError
-    from ..regime import continuation_scores, generate
+    from ..measure import continuation_scores
+    from ..regime import generate
     from ..steer_eval import neutral_stems
 
     t = abs(float(args.steer_target))

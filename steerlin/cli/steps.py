@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .. import backend
 from ..errors import SteerlinError
 from ..loading import DEFAULT_MODEL
+from ..regime import generate
 from ..report import md_table, read_json
 from ..surrogate import DEFAULT_BASIS
 from .common import (
@@ -209,17 +209,9 @@ def _energy(run: Run, model, prompts, surrogate, target, args, *, label: str = "
 
 
 def _generate(model, prompts: Sequence[str], max_new_tokens: int, schedule=None) -> list[str]:
-    """Greedy continuations (prompt removed), steered by `schedule` if given.
-
-    All prompts go through one left-padded batch (same tokens as one at a time; the steering
-    hooks add at the last prompt position and at every generated token).
-    """
-    from contextlib import nullcontext
-
-    ctx = schedule.apply(model) if schedule is not None else nullcontext()
-    with ctx, torch.no_grad():
-        texts = backend.get(model).generate(model, list(prompts), max_new_tokens=max_new_tokens)
-    return [t[len(p) :] if t.startswith(p) else t for p, t in zip(prompts, texts, strict=True)]
+    """Greedy continuations (prompt removed), steered by `schedule` if given: `regime.generate`
+    (one left-padded batch; the schedule on the last prompt token and every generated one)."""
+    return generate(model, list(prompts), max_new_tokens, schedule).texts
 
 
 def _gains_table(run: Run, title: str, surrogate, measured, exact=None) -> None:

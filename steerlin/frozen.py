@@ -124,7 +124,7 @@ class FrozenContext:
     values: tuple[torch.Tensor | None, ...]
     mask: Int[torch.Tensor, "b Tp1"]
 
-    engine: Backend | None = field(default=None, repr=False, compare=False)
+    backend: Backend | None = field(default=None, repr=False, compare=False)
     kv: _fast.FastKV | None = field(default=None, repr=False, compare=False)
     upcast: BlockUpcast | None = field(default=None, repr=False, compare=False)
 
@@ -140,8 +140,8 @@ class FrozenContext:
                 _fast._w(self.model, self.kv, layer)
 
     def __post_init__(self) -> None:
-        if self.engine is None:  # the backend that runs this model's blocks
-            object.__setattr__(self, "engine", backend.get(self.model))
+        if self.backend is None:  # the backend that runs this model's blocks
+            object.__setattr__(self, "backend", backend.get(self.model))
 
     @property
     def engine_name(self) -> str:
@@ -153,7 +153,7 @@ class FrozenContext:
         if self.kv is not None:
             return _fast.block(self.model, self.kv, layer, x)
         if self.upcast is not None:
-            return self.engine.block(
+            return self.backend.block(
                 self.model,
                 layer,
                 x,
@@ -162,7 +162,7 @@ class FrozenContext:
                 self.mask,
                 module=self._module(layer),
             )
-        return self.engine.block(
+        return self.backend.block(
             self.model, layer, x, self.keys[layer], self.values[layer], self.mask
         )
 
@@ -189,7 +189,7 @@ class FrozenContext:
             return self.block(layer, z[:, 0])[:, None]
         rep = lambda t: t.repeat_interleave(k, 0)
         extra = {} if self.upcast is None else {"module": self._module(layer)}
-        out = self.engine.block(
+        out = self.backend.block(
             self.model,
             layer,
             z.reshape(b * k, H),
@@ -367,7 +367,7 @@ class LayerwiseContext:
         engine: str = "auto",
     ):
         self.model = model
-        self.engine = backend.get(model)
+        self.backend = backend.get(model)
         self.engine_name = resolve_engine(model, engine)
         self.tokens = tokens
         self.lengths = lengths
@@ -389,16 +389,16 @@ class LayerwiseContext:
         up = self.upcast
         if layer <= self._layer or self._resid is None:
             if up is None:
-                self._resid = self.engine.embed(self.model, self.tokens)
+                self._resid = self.backend.embed(self.model, self.tokens)
             else:
-                self._resid = self.engine.embed(self.model, self.tokens, dtype=up.dtype)
+                self._resid = self.backend.embed(self.model, self.tokens, dtype=up.dtype)
             self._layer = -1
             self.states[:, 0] = self._resid[self._rows, self._last]
         while self._layer < layer:
             nxt = self._layer + 1
             self._ctx = None  # free the previous block's K/V before building the next
             extra = {} if up is None else {"module": up.block(nxt)}
-            out, k, v, mask = self.engine.block_context(
+            out, k, v, mask = self.backend.block_context(
                 self.model, nxt, self._resid, self.lengths, **extra
             )
             self.states[:, nxt + 1] = out[self._rows, self._last]
@@ -418,7 +418,7 @@ class LayerwiseContext:
                 tuple(keys),
                 tuple(values),
                 mask,
-                self.engine,
+                self.backend,
                 fkv,
                 up,
             )
@@ -489,8 +489,8 @@ class ContextPool:
     ):
         check_model(model)
         check_jvp_dtype(model)
-        resolve_engine(model, engine)
-        self.model, self.engine = model, engine
+        self.model = model
+        self.engine = resolve_engine(model, engine)  # resolved once: "fast" or "tl"
         ids = tokenize(model, prompts)
         self.n_prompts = len(ids)
         self.batches = list(

@@ -63,6 +63,7 @@ type annotation for "a model some backend accepts" (the installed line's model c
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -162,6 +163,9 @@ else:
 Model = _MODEL_TYPES[0]
 
 
+_RESOLVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Backend
+
+
 def register(backend: Backend, *, first: bool = False) -> None:
     """Add a backend; with `first=True` it is tried before the ones registered so far."""
     if not isinstance(backend, Backend):
@@ -170,12 +174,24 @@ def register(backend: Backend, *, first: bool = False) -> None:
         _BACKENDS.insert(0, backend)
     else:
         _BACKENDS.append(backend)
+    _RESOLVED.clear()
 
 
 def get(model: Any) -> Backend:
-    """The backend that drives `model`; ModelTypeError (saying what came) if none does."""
+    """The backend that drives `model`; ModelTypeError (saying what came) if none does.
+
+    Resolved once per model object (the architecture check included) and remembered while the
+    model lives, so the many entry points that check their model pay for it once."""
+    try:
+        return _RESOLVED[model]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable (never a model)
+        pass
     for backend in _BACKENDS:
         if backend.accepts(model):
+            try:
+                _RESOLVED[model] = backend
+            except TypeError:
+                pass
             return backend
     raise reject(model)
 

@@ -119,17 +119,36 @@ class Backend:
     def upcast_block(self, model, layer: int, dtype: torch.dtype) -> torch.nn.Module:
         raise NotImplementedError
 
+    # hooks, run_with_hooks and count_hooks: TransformerLens's API, the same on
+    # HookedTransformer (TL3) and TransformerBridge (TL4); a backend for another library
+    # overrides them.
+
     def hooks(self, model, fwd_hooks) -> AbstractContextManager:
-        raise NotImplementedError
+        return model.hooks(fwd_hooks=fwd_hooks)
 
     def run_with_hooks(self, model, tokens: torch.Tensor, fwd_hooks, **kwargs) -> Any:
-        raise NotImplementedError
+        # steerlin's batches are right-padded: no real token attends to the padding after it,
+        # so the mask is all ones. Passing it explicitly keeps TransformerLens from deriving
+        # one from the tokenizer's padding side (a user's left-padding tokenizer would shift
+        # the positions of prompts that start with the pad id).
+        kwargs.setdefault("attention_mask", torch.ones_like(tokens))
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
 
     def position_probe(self, model, layers: Sequence[int], record) -> AbstractContextManager:
         raise NotImplementedError
 
     def count_hooks(self, model) -> int:
-        raise NotImplementedError
+        """Live hooks on the distinct hook points (aliases counted once; TL3's own handle
+        lists included) plus forward pre-hooks on the blocks."""
+        total = sum(len(b._forward_pre_hooks) for b in model.blocks)
+        seen: set[int] = set()
+        for hp in model.hook_dict.values():
+            if id(hp) in seen:
+                continue
+            seen.add(id(hp))
+            total += len(hp._forward_hooks) + len(hp._backward_hooks)
+            total += len(getattr(hp, "fwd_hooks", [])) + len(getattr(hp, "bwd_hooks", []))
+        return total
 
     def generate(self, model, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
         raise NotImplementedError

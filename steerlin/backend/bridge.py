@@ -26,7 +26,7 @@ import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -411,14 +411,6 @@ class BridgeBackend(Backend):
             out = torch.tanh(out / cap) * cap
         return out
 
-    def hooks(self, model: TransformerBridge, fwd_hooks) -> AbstractContextManager:
-        return model.hooks(fwd_hooks=fwd_hooks)
-
-    def run_with_hooks(self, model: TransformerBridge, tokens, fwd_hooks, **kwargs) -> Any:
-        # right-padded batches, an explicit all-ones mask (as the hooked backend)
-        kwargs.setdefault("attention_mask", torch.ones_like(tokens))
-        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
-
     @contextmanager
     def position_probe(self, model: TransformerBridge, layers: Sequence[int], record):
         """Forward pre-hooks on the blocks: the Hugging Face cache each block receives
@@ -439,17 +431,6 @@ class BridgeBackend(Backend):
 
         with block_pre_hooks(model, layers, make):
             yield
-
-    def count_hooks(self, model: TransformerBridge) -> int:
-        """Live hooks on the distinct hook points (aliases counted once) plus block pre-hooks."""
-        total = sum(len(b._forward_pre_hooks) for b in model.blocks)
-        seen: set[int] = set()
-        for hp in model.hook_dict.values():
-            if id(hp) in seen:
-                continue
-            seen.add(id(hp))
-            total += len(hp._forward_hooks) + len(hp._backward_hooks)
-        return total
 
     def generate(
         self, model: TransformerBridge, prompts: Sequence[str], *, max_new_tokens: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -156,17 +156,6 @@ class HookedBackend(Backend):
         logits = resid @ model.unembed.W_U[:, cols] + model.unembed.b_U[cols]
         return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
-    def hooks(self, model: HookedTransformer, fwd_hooks) -> AbstractContextManager:
-        return model.hooks(fwd_hooks=fwd_hooks)
-
-    def run_with_hooks(self, model: HookedTransformer, tokens, fwd_hooks, **kwargs) -> Any:
-        # steerlin's batches are right-padded: no real token attends to the padding after it,
-        # so the mask is all ones. Passing it explicitly keeps TransformerLens from deriving
-        # one from the tokenizer's padding side (a user's left-padding tokenizer would shift
-        # the positions of prompts that start with the pad id).
-        kwargs.setdefault("attention_mask", torch.ones_like(tokens))
-        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
-
     @contextmanager
     def position_probe(self, model: HookedTransformer, layers: Sequence[int], record):
         """Forward pre-hooks on the blocks: TransformerLens passes each block its
@@ -184,13 +173,6 @@ class HookedBackend(Backend):
 
         with block_pre_hooks(model, layers, make):
             yield
-
-    def count_hooks(self, model: HookedTransformer) -> int:
-        total = sum(len(b._forward_pre_hooks) for b in model.blocks)
-        for hp in model.hook_dict.values():
-            total += len(hp._forward_hooks) + len(hp._backward_hooks)
-            total += len(getattr(hp, "fwd_hooks", [])) + len(getattr(hp, "bwd_hooks", []))
-        return total
 
     def generate(
         self, model: HookedTransformer, prompts: Sequence[str], *, max_new_tokens: int

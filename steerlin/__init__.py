@@ -6,7 +6,7 @@ and gives the minimum-energy schedule for a target shift (`Controller`).
 """
 
 from .backend import check_model, count_hooks
-from .control import Controller, Schedule
+from .control import Controller
 from .data import TASKS, LabelledPrompts, Splits, Task, load_demo_task, load_task
 from .directions import ConceptDirections
 from .energy import Metric
@@ -19,6 +19,7 @@ from .loading import load_model
 from .measure import Calibration, calibrate, measure_shift
 from .metrics import Fidelity, fidelity
 from .readouts import Readout
+from .schedule import Schedule
 from .steer_eval import neutral_stems
 from .surrogate import Surrogate
 from .trajectory import Trajectory, capture

@@ -334,9 +334,11 @@ class Controller:
         largest gains carry the amplitude (`recommendation["layers"]`: those holding 90% of
         Σu²). How hard: ±`strength` class separations of the concept readout, calibrated on
         `model` over `prompts` in the generation regime when both are given (the multiplier is
-        then measured on the user's model, not assumed). Why min-norm at |t| = 2 by default:
-        steer-eval's comparison of strategies (docs/results.md). `ctrl.recommendation` says
-        what the choice was based on.
+        then measured on the user's model, not assumed); then `recommendation` also ranks the
+        layers for single-layer steering by gain per unit KL, h_l²/F_ll (F: `kl_metric` on the
+        same prompts; `best_single_layer`, `layer_ranking`, `gain_per_kl`). Why min-norm at
+        |t| = 2 by default: steer-eval's comparison of strategies (docs/results.md).
+        `ctrl.recommendation` says what each choice was based on.
         """
         strength = check_number("strength", strength, positive=True)
         if sign not in (1, -1):
@@ -358,6 +360,21 @@ class Controller:
         if model is not None:
             if prompts is None:
                 raise InputError("prompts: recommend(model=...) needs prompts to calibrate on")
+            from .fisher import kl_metric
+            from .predictors import gain_per_kl
+            from .regime import Continuations
+
+            # where one layer alone steers best per unit of side effect: h_l²/F_ll, the
+            # predictor that tracked the judged per-layer effect best (docs/results.md)
+            kp = prompts.prompt_ids if isinstance(prompts, Continuations) else prompts
+            per_kl = gain_per_kl(ctrl.G[0, 0], kl_metric(model, kp, surrogate))
+            rank = torch.argsort(per_kl, descending=True)
+            ctrl.recommendation.update(
+                best_single_layer=int(rank[0]),
+                layer_ranking=[int(x) for x in rank],
+                gain_per_kl=[float(x) for x in per_kl],
+            )
+            ctrl.recommendation["based_on"] += "; single-layer ranking by h_l²/F_ll (KL metric)"
             ctrl.calibrate(model, prompts, n_tokens=n_tokens)
             ctrl.recommendation["multiplier"] = ctrl.calibration.multiplier
         return ctrl

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from . import backend
-from .backend import Model, check_model, count_hooks
+from .backend import Model, check_model
 from .errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
 
 Positions = Literal["last", "all", "generated"] | tuple[Literal["from"], int]
@@ -310,7 +310,6 @@ __all__ = [
     "Injection",
     "PositionPolicy",
     "check_model",
-    "count_hooks",
     "inject",
     "parse_positions",
     "resid_post_name",

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from .backend import Model, check_model
 from .directions import ConceptDirections
 from .errors import FileFormatError, InputError, ShapeError
-from .fit_inputs import FitInputs, resolve_inputs, split_labelled
+from .fit_inputs import resolve_inputs
 from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
 from .identify import fit_core, identity_reduce, observability_grams
 from .io import (
@@ -200,24 +200,8 @@ class Surrogate:
         `exact_gains` and friends.
         """
         d = check_int("d", d)
-        return cls._fit_many(
-            model,
-            prompts,
-            directions,
-            orders=[d],
-            basis=basis,
-            readout=readout,
-            variant=variant,
-            label_words=label_words,
-            concept_fraction=concept_fraction,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            distributed=distributed,
-            engine=engine,
-            context_memory=context_memory,
-            label_names=label_names,
-        )[d]
+        options = {k: v for k, v in locals().items() if k not in ("cls", "d")}
+        return cls._fit_many(orders=[d], **options)[d]  # one signature, checked there
 
     @classmethod
     def fit_orders(
@@ -542,4 +526,4 @@ def _keep_within(batches, held: list, budget: int):
         yield ctx
 
 
-__all__ = ["Surrogate", "BASES", "VARIANTS", "FitInputs", "resolve_inputs", "split_labelled"]
+__all__ = ["Surrogate", "BASES", "VARIANTS"]

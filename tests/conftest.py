@@ -36,7 +36,7 @@ install_import_hook(
     "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))",
 )
 
-from steerlin.hooks import count_hooks  # noqa: E402
+from steerlin.backend import count_hooks  # noqa: E402
 
 torch.set_num_threads(1)
 

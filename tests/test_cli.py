@@ -13,8 +13,9 @@ import torch
 from conftest import TL4, make_gemma_like
 
 from steerlin import cli, exact_gains
-from steerlin.control import Schedule
 from steerlin.directions import ConceptDirections
+from steerlin.report import layers_str
+from steerlin.schedule import Schedule
 from steerlin.surrogate import Surrogate
 
 SUBCOMMANDS = [
@@ -97,7 +98,7 @@ def test_parse_layers_and_helpers():
         cli.parse_layers("2-18", 18)
     with pytest.raises(cli.CliError, match="expected"):
         cli.parse_layers("a-b")
-    assert cli._layers_str([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert layers_str([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert cli.jsonable({"a": torch.tensor([1.0, math.inf]), "b": (1, float("nan"))}) == {
         "a": [1.0, "inf"],
         "b": [1, "nan"],

@@ -15,7 +15,7 @@ from conftest import make_gemma_like, random_prompts
 from steerlin import ConceptDirections, LabelledPrompts, Surrogate
 from steerlin.data import TASKS, Splits, Task
 from steerlin.errors import InputError
-from steerlin.surrogate import resolve_inputs, split_labelled
+from steerlin.fit_inputs import resolve_inputs, split_labelled
 
 D = 4
 pytestmark = pytest.mark.filterwarnings(

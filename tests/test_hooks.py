@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steerlin.backend import count_hooks
 from steerlin.errors import InputError, LayerError, ModelTypeError, NonFiniteError, ShapeError
-from steerlin.hooks import count_hooks, inject, resid_pre_name, steering_hooks
+from steerlin.hooks import inject, resid_pre_name, steering_hooks
 
 ATOL = 1e-12
 
@@ -404,8 +405,9 @@ def test_steering_hooks_refuse_generated(gpt2_like):
 def test_one_default_everywhere():
     import inspect
 
-    from steerlin.control import Controller, Schedule
+    from steerlin.control import Controller
     from steerlin.hooks import DEFAULT_POSITIONS
+    from steerlin.schedule import Schedule
 
     for f in (inject, steering_hooks, Schedule.apply, Schedule.hooks, Controller.apply):
         assert inspect.signature(f).parameters["positions"].default == DEFAULT_POSITIONS, f

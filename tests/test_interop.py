@@ -17,10 +17,10 @@ import torch
 from conftest import random_prompts
 
 from steerlin import ConceptDirections, Surrogate
-from steerlin.control import Schedule
+from steerlin.backend import count_hooks
 from steerlin.errors import FileFormatError, InputError, LayerError, ModelTypeError, ShapeError
-from steerlin.hooks import count_hooks
 from steerlin.interop import read_gguf, write_gguf
+from steerlin.schedule import Schedule
 from steerlin.trajectory import capture
 
 

@@ -42,6 +42,7 @@ from steerlin import (
     measure_shift,
     scan_gains,
 )
+from steerlin.backend import count_hooks
 from steerlin.errors import (
     FileFormatError,
     InputError,
@@ -52,7 +53,6 @@ from steerlin.errors import (
     SteerlinError,
     UnreachableTargetError,
 )
-from steerlin.hooks import count_hooks
 from steerlin.readouts import Readout
 
 N_PROMPTS = 12

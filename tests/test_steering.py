@@ -8,10 +8,11 @@ import torch
 from conftest import greedy_continuations as _cont
 from conftest import random_prompts
 
+import steerlin
 from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.energy import Metric, make_metric
 from steerlin.errors import InputError
-from steerlin.fisher import kl_metric
+from steerlin.fisher import frozen_kl, kl_metric
 from steerlin.measure import measure_regime_shift
 from steerlin.readouts import make_readout
 
@@ -134,6 +135,19 @@ def test_recommend(fitted):
     ops = fitted[4]
     cal = Controller.recommend(sur, strength=1, model=m, prompts=_cont(m, ops, 4), n_tokens=4)
     assert cal.calibration is not None and cal.recommendation["multiplier"] > 0
+    rank = cal.recommendation["layer_ranking"]
+    assert (
+        sorted(rank) == list(range(sur.n_layers))
+        and cal.recommendation["best_single_layer"] == rank[0]
+    )
+    # checked on the full model: for the same measured last-token shift, the top-ranked layer
+    # alone costs less measured next-token KL than the bottom-ranked one
+    kls = []
+    for layer in (rank[0], rank[-1]):
+        s = Controller(sur, 1.0).baseline(f"single:{layer}")
+        c = steerlin.calibrate(m, ops, s, 0.05 * sur.meta["separation"]["value"])
+        kls.append(frozen_kl(m, ops, sur, c.schedule.amplitudes))
+    assert kls[0] < kls[1]
     with pytest.raises(InputError, match="strength"):
         Controller.recommend(sur, strength=-1)
 

@@ -9,8 +9,8 @@ from _wordtok import with_tokenizer
 from conftest import make_gemma_like, random_prompts
 
 from steerlin import ConceptDirections, Controller, Surrogate, load_model
+from steerlin.backend import count_hooks
 from steerlin.gains import exact_gains, scan_gains
-from steerlin.hooks import count_hooks
 from steerlin.verify import calibrate
 
 

@@ -26,7 +26,6 @@ import torch
 from ..errors import SteerlinError
 from ..loading import DEFAULT_MODEL
 from ..report import jsonable, md_table
-from ..report import layers_str as _layers_str
 from . import ablate, control, demo, fit, generate, reproduce, scaling, scan, steer_eval
 from .common import (
     CliError,
@@ -99,5 +98,4 @@ __all__ = [
     "prepare_out",
     "resolve_model",
     "resolve_task",
-    "_layers_str",
 ]

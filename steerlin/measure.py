@@ -491,37 +491,6 @@ def calibrate(
 RegimeCalibration = Calibration  # the name `Controller.calibrate`'s result had before
 
 
-def calibrate_regime(
-    model,
-    prompts,
-    schedule,
-    target: float,
-    readout: Callable,
-    *,
-    positions: str = "generated",
-    n_new: int = 8,
-    tol: float = TOL,
-    max_multiplier: float = MAX_MULTIPLIER,
-    batch_size: int = 16,
-) -> Calibration:
-    """`calibrate` in the regime of use with a readout object (positions "generated" default)."""
-    if not callable(readout):
-        raise InputError(f"readout: expected a Readout (callable), got {readout!r}")
-    n_new = check_int("n_tokens", n_new, min=1)
-    return calibrate(
-        model,
-        prompts,
-        schedule,
-        target,
-        readout=readout,
-        positions=positions,
-        n_tokens=n_new,
-        tol=tol,
-        max_multiplier=max_multiplier,
-        batch_size=batch_size,
-    )
-
-
 __all__ = [
     "METHODS",
     "TOL",
@@ -539,5 +508,4 @@ __all__ = [
     "Calibration",
     "RegimeCalibration",
     "calibrate",
-    "calibrate_regime",
 ]

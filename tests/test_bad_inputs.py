@@ -52,7 +52,6 @@ from steerlin.errors import (
     ShapeError,
     SteerlinError,
 )
-from steerlin.measure import calibrate_regime
 from steerlin.regime import generate
 
 N = 12
@@ -163,7 +162,8 @@ def _regime(w, prompts=None, **kw):
 
     rd = make_readout(w.m, "concept", w.dirs.unit[-1])
     prompts = [POS[0], NEG[0]] if prompts is None else prompts
-    return calibrate_regime(w.m, prompts, w.sched, kw.pop("target", 1.0), rd, **kw)
+    kw.setdefault("positions", "generated")
+    return calibrate(w.m, prompts, w.sched, kw.pop("target", 1.0), readout=rd, **kw)
 
 
 LONG = " ".join(["good"] * 70)  # 71 tokens with BOS: more than n_ctx = 64
@@ -240,13 +240,13 @@ ROWS = [
     ("regime-token-ids", lambda w: _regime(w, [[1, 5, 6], [1, 7, 8]]), InputError, "prompts[0]"),
     ("regime-token-tensor", lambda w: _regime(w, torch.ones(2, 3, dtype=torch.long)), InputError, "prompts"),
     ("regime-too-long", lambda w: _regime(w, [POS[0], LONG]), InputError, "prompts[1]"),
-    ("regime-too-long-with-new", lambda w: _regime(w, [" ".join(["good"] * 60)], n_new=8), InputError, "n_ctx=64"),
+    ("regime-too-long-with-new", lambda w: _regime(w, [" ".join(["good"] * 60)], n_tokens=8), InputError, "n_ctx=64"),
     ("regime-single-string", lambda w: _regime(w, "good movie"), InputError, "prompts"),
     ("regime-empty", lambda w: _regime(w, []), InputError, "prompts"),
     ("regime-tol-nan", lambda w: _regime(w, tol=math.nan), InputError, "tol"),
     ("regime-tol-0", lambda w: _regime(w, tol=0.0), InputError, "tol"),
-    ("regime-n-new-negative", lambda w: _regime(w, n_new=-1), InputError, "n_tokens"),
-    ("regime-n-new-float", lambda w: _regime(w, n_new=1.5), InputError, "n_tokens"),
+    ("regime-n-new-negative", lambda w: _regime(w, n_tokens=-1), InputError, "n_tokens"),
+    ("regime-n-new-float", lambda w: _regime(w, n_tokens=1.5), InputError, "n_tokens"),
     ("regime-batch-0", lambda w: _regime(w, batch_size=0), InputError, "batch_size"),
     ("regime-positions", lambda w: _regime(w, positions="first"), InputError, "positions"),
     ("ctrl-calibrate-token-ids", lambda w: Controller(w.sur, 1.0).calibrate(w.m, [[1, 5, 6]]), InputError, "prompts"),

@@ -16,7 +16,7 @@ from conftest import greedy_continuations as _cont
 
 from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.hooks import inject
-from steerlin.measure import calibrate_regime, final_states, measure_regime_shift, measure_shift
+from steerlin.measure import calibrate, final_states, measure_regime_shift, measure_shift
 from steerlin.readouts import make_readout
 from steerlin.regime import Continuations
 
@@ -133,13 +133,13 @@ def test_all_policy_matches_inject_all(gpt2_like):
 
 
 @pytest.mark.parametrize("positions", ["last", "generated", "all"])
-def test_calibrate_regime_hits_target(gemma_like, positions):
+def test_calibrate_in_the_regime_hits_target(gemma_like, positions):
     dirs, ops, sur = _setup(gemma_like)
     sched = Controller(sur, 1.0).schedule
     rd = make_readout(gemma_like, "concept", dirs.unit[-1])
     cont = _cont(gemma_like, ops, 4)
     target = 0.5 * float(dirs.vectors[-1].norm())
-    cal = calibrate_regime(gemma_like, cont, sched, target, rd, positions=positions, n_new=4)
+    cal = calibrate(gemma_like, cont, sched, target, readout=rd, positions=positions, n_tokens=4)
     assert cal.positions == positions
     assert cal.schedule.meta["positions"] == positions
     # independently of the regime module: one prompt at a time, the calibrated additions as

@@ -41,6 +41,7 @@ def run(model, task: str, args, checkpoint=None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="sst2,hate")
+    ap.add_argument("--model", default="gemma-3-270m", help="e.g. smollm2-135m (offline)")
     ap.add_argument("--sizes", default="200,50", help="concept,operating prompts per class")
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--basis", default="krylov", help="surrogate basis (docs table: krylov)")
@@ -62,7 +63,7 @@ def main() -> None:
         args.strategies, args.strengths, args.tokens, args.seeds = "min-norm,min-kl", "1", 8, 1
         args.sizes, args.d = "32,16", 8
     torch.set_num_threads(args.threads)
-    model = steerlin.load_model("gemma-3-270m")
+    model = steerlin.load_model(args.model)
     out = {"command": "python benchmarks/steer_eval.py", "args": vars(args), "tasks": {}}
     path = (
         Path(args.out)

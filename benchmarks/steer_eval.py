@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--chat", action="store_true", help="prompting via the chat template")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:

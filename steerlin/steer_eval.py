@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data.splits import chat_prompts
 from .energy import Metric, least_norm
 from .errors import InputError, UnreachableTargetError
 from .judges import get_judge
@@ -284,6 +285,16 @@ def search_grid(
     return {"grid": grid, "best": best, "amplitudes_per_coef": per_c.tolist()}
 
 
+def instructed(model, instruction: str, stems: Sequence[str], *, chat: bool = False) -> list[str]:
+    """The stems with the prompting baseline's instruction: a plain prefix (base models), or
+    with `chat` the instruction as one user turn of the chat template and each stem opening the
+    assistant's answer (`steerlin.data.chat_prompts`, its BOS rule included)."""
+    if not chat:
+        return [instruction + p for p in stems]
+    head = chat_prompts([instruction.strip()], model)[0]
+    return [head + p for p in stems]
+
+
 def steer_eval(
     model,
     surrogate,
@@ -306,6 +317,7 @@ def steer_eval(
     search_coefs: Sequence[float] = SEARCH_COEFS,
     log=print,
     checkpoint=None,
+    chat: bool = False,
 ) -> dict:
     """Run the behavioural evaluation (see the module docstring); returns rows and samples.
 
@@ -315,7 +327,9 @@ def steer_eval(
     finished text (label words) for `readout_correlations`. The returned "costs" hold each
     strategy's own steps (calibrations per |t|, or the search); the caller adds shared steps.
     checkpoint(partial result): called after each strategy (and each searched candidate), so a
-    long run can be saved as it goes.
+    long run can be saved as it goes. chat: the prompting strategies put the instruction in a
+    user turn of the model's chat template, the stem opening the assistant's answer (instruct
+    models); otherwise it is a plain text prefix (base models).
     """
     stems = neutral_stems()
     cal_stems = list(calibration_stems or stems["calibration"])
@@ -391,7 +405,7 @@ def steer_eval(
             steered = generate(model, flat, max_new_tokens, s)
             klm = regime_kl(model, base, s.vectors, n_new=k)
         else:
-            asked = generate(model, [prefix + p for p in flat], max_new_tokens, s)
+            asked = generate(model, instructed(model, prefix, flat, chat=chat), max_new_tokens, s)
             steered = Continuations(flat, base.prompt_ids, asked.new_ids, asked.texts)
             along = Continuations(None, asked.prompt_ids, base.new_ids, base.texts)
             klm = kl_between(model, base, along, None if s is None else s.vectors, n_new=k)
@@ -796,6 +810,7 @@ def run_task(model, task: str, args, *, img_dir, log=print, checkpoint=None) -> 
         search_coefs=[float(x) for x in str(getattr(args, "search_coefs", "1,2,4,8")).split(",")],
         log=log,
         checkpoint=checkpoint,
+        chat=bool(getattr(args, "chat", False)),
     )
     res["shared_costs"] = {k: v.to_dict() for k, v in shared.items()}
     summ = summarise(res)

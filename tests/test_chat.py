@@ -41,3 +41,17 @@ def test_chat_prompts_and_fit():
 def test_chat_without_template():
     with pytest.raises(InputError, match="no chat template"):
         chat_prompts(["x"], None)
+
+
+def test_prompting_baseline_through_the_chat_template():
+    """steer-eval's `prompt` strategy on an instruct model: the instruction is a user turn and
+    the stem opens the assistant's answer; on a base model it is a plain prefix."""
+    from steerlin.steer_eval import instructed
+
+    model = with_tokenizer(make_gemma_like(seed=2))
+    got = instructed(model, "be good .\n\n", ["the film", "a day"], chat=True)
+    head = "user : be good . .<s>assistant :"  # the toy template closes each turn with " ."
+    assert got == [head + "the film", head + "a day"]
+    assert instructed(model, "be good . ", ["the film"]) == ["be good . the film"]
+    with pytest.raises(InputError, match="no chat template"):
+        instructed(make_gemma_like(seed=2), "x", ["y"], chat=True)

@@ -63,3 +63,8 @@ def register(add) -> None:
     p.add_argument("--tokens", type=_positive_int, default=30, help="greedy tokens per stem")
     p.add_argument("--seeds", type=int, default=3, help="seeds of 12 held-out stems (max 3)")
     p.add_argument("--quick", action="store_true", help="2 strategies, t = 1, 8 tokens, 1 seed")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="prompting baseline through the chat template (instruct models)",
+    )

@@ -138,16 +138,18 @@ class Backend:
         raise NotImplementedError
 
     def count_hooks(self, model) -> int:
-        """Live hooks on the distinct hook points (aliases counted once; TL3's own handle
-        lists included) plus forward pre-hooks on the blocks."""
+        """Live hooks on the distinct hook points (aliases counted once) plus forward
+        pre-hooks on the blocks."""
         total = sum(len(b._forward_pre_hooks) for b in model.blocks)
         seen: set[int] = set()
         for hp in model.hook_dict.values():
             if id(hp) in seen:
                 continue
             seen.add(id(hp))
-            total += len(hp._forward_hooks) + len(hp._backward_hooks)
-            total += len(getattr(hp, "fwd_hooks", [])) + len(getattr(hp, "bwd_hooks", []))
+            # a hook added through TransformerLens is in torch's dict and in TL's handle list
+            # (both lines); a raw torch hook only in the former: count each hook once
+            total += max(len(hp._forward_hooks), len(getattr(hp, "fwd_hooks", [])))
+            total += max(len(hp._backward_hooks), len(getattr(hp, "bwd_hooks", [])))
         return total
 
     def generate(self, model, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:

@@ -830,7 +830,11 @@ def run_task(model, task: str, args, *, img_dir, log=print, checkpoint=None) -> 
         log("\nwhich readout predicts the judged change:\n" + format_correlations(corr))
     from pathlib import Path
 
-    img = Path(img_dir) / f"steer_eval_{task}{'_quick' if args.quick else ''}.png"
+    name = str(getattr(args, "model", None) or "gemma-3-270m")
+    tag = ("" if name == "gemma-3-270m" else "_" + name.replace("/", "_")) + (
+        "_quick" if args.quick else ""
+    )
+    img = Path(img_dir) / f"steer_eval_{task}{tag}.png"
     img.parent.mkdir(parents=True, exist_ok=True)
     plot_tradeoff(
         summ,

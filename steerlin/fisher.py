@@ -140,7 +140,7 @@ def frozen_kl(
             x = ctx.states[:, 0]
             for layer in range(ctx.n_layers):
                 x = ctx.block(layer, x + (u[layer] * b[layer].to(F64)).to(x))
-            total += float(logit_kl(model, ctx.states[:, -1:], x[:, None]).sum())
+            total += float(logit_kl(model, ctx.states[:, -1], x).sum())
             n += len(ctx)
     return total / n
 

@@ -131,17 +131,21 @@ def full_logits(model, x: Float[torch.Tensor, "... H"]) -> Float[torch.Tensor, "
 
 
 def logit_kl(
-    model, x0: Float[torch.Tensor, "b n H"], x1: Float[torch.Tensor, "b n H"]
-) -> Float[torch.Tensor, "b n"]:
-    """KL(p(x0) ‖ p(x1)) of the next-token distributions from final residual states, float64
-    (one row of b at a time: the vocabulary-sized logits stay O(n·V))."""
+    model, x0: Float[torch.Tensor, "... H"], x1: Float[torch.Tensor, "... H"]
+) -> Float[torch.Tensor, "..."]:
+    """KL(p(x0) ‖ p(x1)) of the next-token distributions from final residual states, float64,
+    per leading index. Rows go through the unembedding in batches of about 2^23 logits, so
+    a vocabulary-sized float64 block stays under ~64 MiB whatever the number of rows."""
+    shape = x0.shape[:-1]
+    a, b = x0.reshape(-1, x0.shape[-1]), x1.reshape(-1, x1.shape[-1])
+    step = max(1, 2**23 // model.cfg.d_vocab)
     out = []
     with torch.no_grad():
-        for i in range(x0.shape[0]):
-            lp0 = torch.log_softmax(full_logits(model, x0[i]).to(torch.float64), -1)
-            lp1 = torch.log_softmax(full_logits(model, x1[i]).to(torch.float64), -1)
+        for s in range(0, a.shape[0], step):
+            lp0 = torch.log_softmax(full_logits(model, a[s : s + step]).to(torch.float64), -1)
+            lp1 = torch.log_softmax(full_logits(model, b[s : s + step]).to(torch.float64), -1)
             out.append((lp0.exp() * (lp0 - lp1)).sum(-1).cpu())
-    return torch.stack(out)
+    return torch.cat(out).reshape(shape)
 
 
 __all__ = [

@@ -28,7 +28,7 @@ and every benchmark.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -385,15 +385,8 @@ class Calibration:
     n_prompts: int = 0
 
     def to_meta(self) -> dict:
-        return {
-            "multiplier": self.multiplier,
-            "measured_shift": self.measured_shift,
-            "target": self.target,
-            "positions": self.positions,
-            "n_new": self.n_new,
-            "n_prompts": self.n_prompts,
-            "evaluations": self.evaluations,
-        }
+        """Every field but the schedule (JSON-ready numbers and strings)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schedule"}
 
 
 def calibrate(

@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix for the result and figure names")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.kl, args.tokens = "32,16", "0.3", 12
@@ -176,7 +177,7 @@ def main() -> None:
     levels = [float(x) for x in args.kl.split(",")]
     suffix = ("" if args.model == "gemma-3-270m" else f"_{args.model}") + (
         "_quick" if args.quick else ""
-    )
+    ) + args.tag
     out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
     partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
     save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))

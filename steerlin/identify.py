@@ -94,9 +94,12 @@ def fit_core(
     orders: Sequence[int] = (),
     *,
     obs_gram: Float[torch.Tensor, "Lp1 H H"] | None = None,
+    obs_proj: Float[torch.Tensor, " L"] | None = None,
 ) -> dict[str, Any]:
     """Layer-major identification; `reduce` sums a statistic over processes (identity: one).
-    `obs_gram`: the observability statistic the two-sided/observable bases need."""
+    `obs_gram`: the observability statistic the two-sided/observable bases need; `obs_proj`:
+    Σ_p ⟨w_l(p), unit_l⟩ from the same pass (`observability_grams(unit=)`), which gives the
+    exact gains and the reduction's self-check at no cost."""
     L, H = model.cfg.n_layers, model.cfg.d_model
     f64 = torch.float64
     gen = torch.Generator().manual_seed(seed)
@@ -200,6 +203,8 @@ def fit_core(
     lower = {}
     for o in sorted({int(o) for o in orders if int(o) < d}):
         lower[o] = _truncated(contexts, readout, model, P, Ab_all, scale, o, n, reduce)
+        if obs_gram is not None:
+            lower[o]["adjoint_captured"] = adjoint_captured(lower[o]["P"], obs_gram)
     del Ab_all
     hankel = _hankel(Wc, Wo)
     c = reduce(sum_c) / n
@@ -211,6 +216,11 @@ def fit_core(
     gains_paper = linalg.gains_from_reduced(A, B, c)
     out = {
         "P": torch.stack(P),
+        # the exact gains on the same prompts (None without the observability pass)
+        "gains_exact": None if obs_proj is None else scale[:L] * obs_proj / n,
+        "adjoint_captured": None
+        if obs_gram is None
+        else adjoint_captured(torch.stack(P), obs_gram),
         "A": A,
         "B": B,
         "c": c,
@@ -294,16 +304,23 @@ def _hankel(Wc, Wo) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def observability_grams(model, contexts: Iterable, readout: Readout, reduce) -> torch.Tensor:
+def observability_grams(
+    model, contexts: Iterable, readout: Readout, reduce, unit: torch.Tensor | None = None
+):
     """Σ_p w_l(p) w_l(p)ᵀ for l = 0..L: the observability statistic of the two-sided basis.
 
     w_L(p) = ∇_x y at the prompt's final state, w_l(p) = A_l(p)ᵀ w_{l+1}(p) = ∂y(p)/∂x_l: all
     of them from ONE backward pass per batch through the single-token chain
-    (`gains.state_gradients`, the pass `exact_gains` makes): what the per-layer VJP
-    recursion `FrozenContext.vjp` computes one layer at a time, at ~3x the cost.
+    (`state_gradients`, the pass `exact_gains` makes): what the per-layer VJP recursion
+    `FrozenContext.vjp` computes one layer at a time, at ~3x the cost.
+
+    With `unit` (Float[L+1, H], the concept directions) it returns `(gram, proj)` with
+    proj[l] = Σ_p ⟨w_l(p), unit_l⟩ (l < L): scale_l proj[l] / n are the exact gains on these
+    prompts, which this pass computes anyway (the fit keeps them as `gains_exact`).
     """
     L, H = model.cfg.n_layers, model.cfg.d_model
     gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
+    proj = torch.zeros(L, dtype=torch.float64)
     for ctx in contexts:
         # name the first broken thing before the backward pass smears it over every layer
         bad = (~torch.isfinite(ctx.states)).flatten(2).any(-1).any(0).nonzero().flatten()
@@ -323,7 +340,24 @@ def observability_grams(model, contexts: Iterable, readout: Readout, reduce) -> 
         W = state_gradients(ctx, readout, "vjp: non-finite vector-Jacobian product")
         W64 = W.detach().to("cpu", torch.float64)
         gram[:L] += torch.einsum("blh,blg->lhg", W64, W64)
-    return reduce(gram)
+        if unit is not None:
+            proj += torch.einsum("blh,lh->l", W64, unit[:L].to(torch.float64))
+    if unit is None:
+        return reduce(gram)
+    return reduce(gram), reduce(proj)
+
+
+def adjoint_captured(
+    P: Float[torch.Tensor, "Lp1 H d"], obs_gram: Float[torch.Tensor, "Lp1 H H"]
+) -> Float[torch.Tensor, " Lp1"]:
+    """Share of the prompts' backward vectors' energy Σ_p ‖w_l(p)‖² that span(P_l) holds:
+    tr(P_lᵀ G_l P_l) / tr(G_l). Where it is low, no shared basis of this order carries the
+    individual prompts' ∂y/∂x_l, and per-prompt gains of early injections depend on what the
+    basis leaves out (docs/results.md, "the early layers")."""
+    P = P.to(torch.float64)
+    held = torch.einsum("lhd,lhg,lgd->l", P, obs_gram, P)
+    total = torch.diagonal(obs_gram, dim1=-2, dim2=-1).sum(-1)
+    return held / total.clamp_min(1e-300)
 
 
 def _e1(b: int, d: int, dtype) -> torch.Tensor:
@@ -332,4 +366,10 @@ def _e1(b: int, d: int, dtype) -> torch.Tensor:
     return e
 
 
-__all__ = ["state_gradients", "fit_core", "identity_reduce", "observability_grams"]
+__all__ = [
+    "adjoint_captured",
+    "fit_core",
+    "identity_reduce",
+    "observability_grams",
+    "state_gradients",
+]

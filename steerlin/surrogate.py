@@ -16,6 +16,7 @@ from .errors import FileFormatError, InputError, ShapeError
 from .fit_inputs import resolve_inputs
 from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
 from .identify import fit_core, identity_reduce, observability_grams
+from .metrics import Fidelity, fidelity
 from .io import (
     ANY_FLOAT_DTYPES,
     check_model_meta,
@@ -41,6 +42,8 @@ DEFAULT_BASIS: Basis = "two-sided"
 DEFAULT_D = 8
 #: bytes of full frozen contexts a two-sided fit keeps between its two passes
 DEFAULT_CONTEXT_MEMORY = 256 * 2**20
+#: tensors a Surrogate file may hold or not (older files, krylov/pod/random fits)
+OPTIONAL = ("gains_identity", "hankel", "gains_exact", "adjoint_captured")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ class Surrogate:
     Stored: P Float[L+1, H, d], A Float[L, d, d], B Float[L, d], c Float[d] (means over the
     operating prompts), `gains` Float[L] (per the variant), `gains_paper` (the single mean
     model's gains, for comparison), `gains_std` (spread of per-prompt gains), all float64.
+
+    The two-sided and observable fits also keep what their observability pass computes anyway:
+    `gains_exact` Float[L], the exact gains g_l = mean_p scale_l ⟨∂y(p)/∂x_l, unit_l⟩ on the
+    same prompts (what `exact_gains` returns), so every such fit carries its own reduction
+    check (`reduction_error()`), and `adjoint_captured` Float[L+1], the share of the prompts'
+    ‖∂y(p)/∂x_l‖² that span(P_l) holds (where it is low, no shared basis of order d carries
+    the individual prompts' dynamics). Krylov/POD/random fits leave both None.
     """
 
     P: Float[torch.Tensor, "Lp1 H d"]
@@ -78,6 +88,8 @@ class Surrogate:
     directions: ConceptDirections | None = field(default=None, compare=False, repr=False)
     gains_identity: Float[torch.Tensor, " L"] | None = None
     hankel: Float[torch.Tensor, "Lp1 d"] | None = None
+    gains_exact: Float[torch.Tensor, " L"] | None = None
+    adjoint_captured: Float[torch.Tensor, " Lp1"] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -110,6 +122,24 @@ class Surrogate:
             raise InputError("order: this surrogate has no Hankel singular values (an old file)")
         top = self.hankel.max(dim=-1, keepdim=True).values
         return (self.hankel > rtol * top.clamp_min(1e-300)).sum(-1).tolist()
+
+    def reduction_error(self) -> Fidelity:
+        """The reduction's self-check: `gains` against `gains_exact` (the exact gains on the
+        prompts it was fitted on) in raw units, beside the identity-Jacobian and scale nulls.
+        Per layer, `(sur.gains - sur.gains_exact).abs() / sur.gains_exact.abs()` says where the
+        low-order model holds (on tweets not at the first blocks). The exact gains come free
+        with the two-sided/observable fits: use them (`Controller.from_gains(sur.gains_exact,
+        sur.directions, target)`) wherever the reduction's error matters."""
+        if self.gains_exact is None:
+            raise InputError(
+                f"reduction_error: this surrogate has no exact gains (basis "
+                f"{self.meta.get('basis')!r}; the two-sided and observable fits compute them, or "
+                "compare with steerlin.exact_gains on the same prompts)"
+            )
+        scale = None if self.directions is None else self.directions.scale[: self.n_layers]
+        if scale is None and "scale" in self.meta:
+            scale = torch.tensor(self.meta["scale"][: self.n_layers], dtype=torch.float64)
+        return fidelity(self.gains, self.gains_exact, scale=scale, identity=self.gains_identity)
 
     def predict(self, u: Float[torch.Tensor, " L"] | Sequence[float]) -> torch.Tensor:
         """Predicted readout shift for a schedule u (norm-relative units): gains @ u."""
@@ -323,7 +353,7 @@ class Surrogate:
         # streamed: each batch keeps its residual at the current layer and one block's K/V
         # (one forward in all over the layer-major sweep), not every block's K/V
         with torch.no_grad():  # JVPs/VJPs via torch.func only; no graph through a user's parameters
-            obs_gram = None
+            obs_gram = obs_proj = None
             held: list[FrozenContext] = []
             if basis in ("two-sided", "observable"):
                 # pass 1: one batch's full context at a time, its backward vectors w_l(p)
@@ -332,7 +362,7 @@ class Surrogate:
                 # freed and rebuilt layer by layer (one extra forward for those batches only)
                 batches = iter_contexts(model, prompts, batch_size=batch_size, engine=engine)
                 batches = _keep_within(batches, held, context_memory)
-                obs_gram = observability_grams(model, batches, rd, reduce)
+                obs_gram, obs_proj = observability_grams(model, batches, rd, reduce, unit)
             contexts = layerwise_contexts(model, prompts, batch_size=batch_size, engine=engine)
             for i, ctx in enumerate(held):  # same batching, same order: swap in the held ones
                 if not torch.equal(ctx.index.cpu(), torch.as_tensor(contexts[i].index).cpu()):
@@ -350,6 +380,7 @@ class Surrogate:
                 reduce,
                 orders,
                 obs_gram=obs_gram,
+                obs_proj=obs_proj,
             )
         n_total = int(stats.pop("n"))
         out = {}
@@ -386,6 +417,8 @@ class Surrogate:
                 directions=directions,
                 gains_identity=stats["gains_identity"],
                 hankel=st["hankel"],
+                gains_exact=stats["gains_exact"],
+                adjoint_captured=st.get("adjoint_captured"),
             )
         return out
 
@@ -401,10 +434,9 @@ class Surrogate:
             "gains_paper": self.gains_paper,
             "gains_std": self.gains_std,
         }
-        if self.gains_identity is not None:
-            tensors["gains_identity"] = self.gains_identity
-        if self.hankel is not None:
-            tensors["hankel"] = self.hankel
+        for name in OPTIONAL:
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         meta = dict(self.meta)
         if self.directions is not None:
             dr = self.directions
@@ -429,7 +461,7 @@ class Surrogate:
                 f"{str(path)!r}: Surrogate file lacks tensors {sorted(need - set(t))}"
             )
         dir_keys = {"dir_vectors", "dir_unit", "dir_scale"}
-        check_unexpected(path, "Surrogate", t, need | dir_keys | {"gains_identity", "hankel"})
+        check_unexpected(path, "Surrogate", t, need | dir_keys | set(OPTIONAL))
         if model is not None:
             check_model_meta(meta, model, path, allow_other_model=allow_other_model)
         check_tensor(path, "P", t["P"], (None, None, None))
@@ -449,6 +481,8 @@ class Surrogate:
             "gains_std": (L,),
             "gains_identity": (L,),
             "hankel": (None, None),
+            "gains_exact": (L,),
+            "adjoint_captured": (L + 1,),
         }
         for name, shape in shapes.items():
             if name in t:
@@ -492,7 +526,7 @@ class Surrogate:
             if not isinstance(dmeta, dict):
                 raise FileFormatError(f"{str(path)!r}: metadata 'directions_meta' is not a dict")
             dirs = ConceptDirections(t["dir_vectors"], t["dir_unit"], t["dir_scale"], dmeta)
-        extra = {k: t[k] for k in ("gains_identity", "hankel") if k in t}
+        extra = {k: t[k] for k in OPTIONAL if k in t}
         return cls(**{k: t[k] for k in need}, meta=meta, directions=dirs, **extra)
 
     def __repr__(self) -> str:

@@ -254,3 +254,54 @@ def test_zero_direction_at_layer_0_is_allowed(tiny):
     s = Surrogate.fit(tiny, ops, dirs, d=FULL)
     assert s.gains[0].abs() <= 1e-12 * ex.abs().max()
     assert _rel(s.gains, ex) < 1e-9
+
+
+@pytest.mark.parametrize("readout", ["concept", "logits"])
+def test_fit_carries_exact_gains_and_its_own_reduction_check(tiny, readout):
+    """The two-sided/observable fits keep the exact gains their observability pass computes:
+    equal to `exact_gains` on the same prompts; `reduction_error` scores the reduced gains
+    against them; `adjoint_captured` is 1 for a full basis and in (0, 1] below it."""
+    dirs, ops = _setup(tiny, n_ops=7)
+    lw = [3, 5] if readout == "logits" else None
+    ex = exact_gains(tiny, ops, dirs, readout=readout, label_words=lw)
+    for basis in ("two-sided", "observable"):
+        s = Surrogate.fit(tiny, ops, dirs, d=4, basis=basis, readout=readout, label_words=lw)
+        assert s.gains_exact is not None and _rel(s.gains_exact, ex) < 1e-9, basis
+        fid = s.reduction_error()
+        from steerlin.metrics import fidelity
+
+        ref = fidelity(s.gains, ex, scale=dirs.scale, identity=s.gains_identity)
+        assert fid.raw_spearman == pytest.approx(ref.raw_spearman, abs=1e-12)
+        assert fid.rel_err_median == pytest.approx(ref.rel_err_median, rel=1e-9)
+        assert fid.rel_err_median > 1e-6  # d = 4 < d_model: a real reduction, a real error
+        cap = s.adjoint_captured
+        assert cap.shape == (tiny.cfg.n_layers + 1,)
+        assert ((cap > 0) & (cap <= 1 + 1e-12)).all() and (cap < 1 - 1e-6).any()
+    full = Surrogate.fit(tiny, ops, dirs, d=FULL, readout=readout, label_words=lw)
+    torch.testing.assert_close(
+        full.adjoint_captured, torch.ones_like(full.adjoint_captured), rtol=0, atol=1e-9
+    )
+    assert full.reduction_error().rel_err_max < 1e-8  # per-prompt gains exact at d = d_model
+
+
+def test_nested_orders_capture_more_of_the_adjoint(gpt2_setup):
+    model, dirs, ops = gpt2_setup
+    fits = Surrogate.fit_orders(model, ops, dirs, orders=[2, 4, 8])
+    caps = [fits[o].adjoint_captured for o in (2, 4, 8)]
+    assert all((b >= a - 1e-12).all() for a, b in zip(caps, caps[1:], strict=False))
+    for o in (2, 4):  # the truncations share the exact gains of the one fit
+        assert torch.equal(fits[o].gains_exact, fits[8].gains_exact)
+
+
+def test_krylov_has_no_exact_gains_and_says_so(gpt2_setup, tmp_path):
+    model, dirs, ops = gpt2_setup
+    s = Surrogate.fit(model, ops, dirs, d=4, basis="krylov")
+    assert s.gains_exact is None and s.adjoint_captured is None
+    with pytest.raises(InputError, match=r"no exact gains \(basis 'krylov'"):
+        s.reduction_error()
+    t = Surrogate.fit(model, ops, dirs, d=4)
+    t.save(tmp_path / "t.safetensors")
+    back = Surrogate.load(tmp_path / "t.safetensors", model=model)
+    assert torch.equal(back.gains_exact, t.gains_exact)
+    assert torch.equal(back.adjoint_captured, t.adjoint_captured)
+    assert back.reduction_error().raw_spearman == t.reduction_error().raw_spearman

@@ -175,9 +175,11 @@ def main() -> None:
     log(f"{args.task}: predictors in {time.time() - t0:.0f} s; per-layer sweep:")
     t = time.time()
     levels = [float(x) for x in args.kl.split(",")]
-    suffix = ("" if args.model == "gemma-3-270m" else f"_{args.model}") + (
-        "_quick" if args.quick else ""
-    ) + args.tag
+    suffix = (
+        ("" if args.model == "gemma-3-270m" else f"_{args.model}")
+        + ("_quick" if args.quick else "")
+        + args.tag
+    )
     out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
     partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
     save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))

@@ -16,7 +16,6 @@ from .errors import FileFormatError, InputError, ShapeError
 from .fit_inputs import resolve_inputs
 from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
 from .identify import fit_core, identity_reduce, observability_grams
-from .metrics import Fidelity, fidelity
 from .io import (
     ANY_FLOAT_DTYPES,
     check_model_meta,
@@ -28,6 +27,7 @@ from .io import (
     model_meta,
     save_tensors,
 )
+from .metrics import Fidelity, fidelity
 from .readouts import Readout, make_readout
 from .validate import check_distinct_tokens, check_int, check_number
 

@@ -305,3 +305,8 @@ def test_krylov_has_no_exact_gains_and_says_so(gpt2_setup, tmp_path):
     assert torch.equal(back.gains_exact, t.gains_exact)
     assert torch.equal(back.adjoint_captured, t.adjoint_captured)
     assert back.reduction_error().raw_spearman == t.reduction_error().raw_spearman
+    from steerlin import Controller
+
+    ctrl = Controller.from_gains(back.gains_exact, back.directions, -1.0)  # as docs/usage.md
+    ref = Controller.from_gains(exact_gains(model, ops, dirs), dirs, -1.0)
+    torch.testing.assert_close(ctrl.schedule.amplitudes, ref.schedule.amplitudes, rtol=1e-9, atol=0)

@@ -9,10 +9,13 @@ measured next-token KL along the unsteered 8-token continuations of the 12 calib
 equals each `--kl` level (bisection on the full model); greedy continuations of the held-out
 stems at +a and -a are judged (VADER for sst2, alt-profanity-check for hate); the per-layer
 effect is the judged Δ(+,−). Predictors (steerlin.predictors, no generation): exact gains
-|h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll, the logit lens accuracy A_lin (LAP)
-and a held-out linear probe's accuracy on x_l. Each is scored by Spearman across layers with
+|h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll (of the concept readout, and of the
+logit readout: the label words' logit difference, what the next token leans to), the logit
+lens accuracy A_lin (LAP) and a held-out linear probe's accuracy on x_l. Each is scored by Spearman across layers with
 the judged effect and by the judged effect at its top layer over the best layer's.
-Writes benchmarks/results/where_to_steer_<task>[_<model>].json and docs/img/ likewise (.png).
+Writes benchmarks/results/where_to_steer_<task>[_<model>][<tag>].json and docs/img/ likewise
+(.png). `--rescore` keeps a result file's judged sweep and recomputes the predictors and scores
+(minutes instead of the sweep's half hour).
 """
 
 from __future__ import annotations
@@ -119,6 +122,83 @@ def plot(res: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def predictors(model, task: str, nc: int, no: int, d: int, data_dir: str, log) -> tuple:
+    """The directions (concept split) and every predictor (operating split), no generation."""
+    tk = steerlin.load_task(TASKS[task], data_dir=data_dir)
+    sp = tk.split(nc, no, 0, seed=0)
+    t0 = time.time()
+    dirs = steerlin.ConceptDirections.fit(
+        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
+    )
+    ops = list(sp.operating.texts)
+    words = SETTINGS[task].label_words
+    timings = {}
+    t = time.time()
+    h = steerlin.exact_gains(model, ops, dirs)
+    timings["exact_gains"] = time.time() - t
+    t = time.time()
+    sur = steerlin.Surrogate.fit(model, ops, dirs, d=d)
+    timings["surrogate"] = time.time() - t
+    t = time.time()
+    F = steerlin.kl_metric(model, neutral_stems()["calibration"], dirs)
+    timings["kl_metric"] = time.time() - t
+    # the logit readout: the label words' logit difference at x_L (what the next token is)
+    t = time.time()
+    h_logit = steerlin.exact_gains(model, ops, dirs, readout="logits", label_words=words)
+    timings["exact_gains_logits"] = time.time() - t
+    # A_lin and the probe on the operating split (held out from the directions' concept split)
+    lab = list(sp.operating.labels)
+    t = time.time()
+    alin = pr.logit_lens_accuracy(model, ops, lab, label_words=words)
+    timings["logit_lens"] = time.time() - t
+    t = time.time()
+    probe = pr.probe_accuracy(model, ops, lab)
+    timings["probe"] = time.time() - t
+    preds = {
+        "exact gain": pr.gain_curve(h),
+        "surrogate gain": pr.gain_curve(sur.gains),
+        "gain² per KL, h²/F_ll": pr.gain_per_kl(h, F),
+        "logit-readout gain² per KL": pr.gain_per_kl(h_logit, F),
+        "A_lin (logit lens)": alin,
+        "probe accuracy": probe,
+    }
+    log(f"{task}: predictors in {time.time() - t0:.0f} s")
+    return dirs, preds, timings
+
+
+def score_and_write(res: dict, out: Path, img: Path, title: str, log) -> None:
+    """Scores of every predictor at every KL level, the markdown table, the JSON, the figure."""
+    preds = {n: torch.tensor(v, dtype=F64) for n, v in res["predictors"].items()}
+    scores = {}
+    for k, rec in res["judged"].items():
+        # layers where the direction is zero (nothing to inject) are left out of the scores
+        d = torch.tensor(rec["delta"], dtype=F64)
+        ok = torch.nonzero(~torch.isnan(d)).flatten()
+        sc = pr.score_predictors({n: p[ok] for n, p in preds.items()}, d[ok])
+        for v in sc.values():
+            v["top_layer"] = int(ok[v["top_layer"]])
+        scores[k] = sc
+    res["scores"] = scores
+    lines = [
+        "| predictor | "
+        + " | ".join(f"Spearman (KL {k}) | top layer: effect / best (KL {k})" for k in scores)
+        + " |",
+        "|---|" + "---|---|" * len(scores),
+    ]
+    for n in preds:
+        cells = []
+        for k in scores:
+            s = scores[k][n]
+            cells += [f"{s['spearman']:+.2f}", f"l={s['top_layer']}: {s['top_fraction']:.2f}"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    res["table"] = "\n".join(lines)
+    log(res["table"])
+    out.write_text(json.dumps(res, indent=1))
+    img.parent.mkdir(parents=True, exist_ok=True)
+    plot(res, img, title)
+    log(f"wrote {out} and {img}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="sst2", choices=sorted(TASKS))
@@ -132,103 +212,61 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for the result and figure names")
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="keep the judged sweep of the existing result file (same --task/--model/--tag) "
+        "and recompute the predictors (e.g. after adding one) and the scores",
+    )
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.kl, args.tokens = "32,16", "0.3", 12
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, flush=True)
-    model = steerlin.load_model(args.model)
-    tk = steerlin.load_task(TASKS[args.task], data_dir=args.data_dir)
-    nc, no = (int(x) for x in args.sizes.split(","))
-    sp = tk.split(nc, no, 0, seed=0)
-    t0 = time.time()
-    dirs = steerlin.ConceptDirections.fit(
-        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
-    )
-    ops = list(sp.operating.texts)
-    timings = {}
-    t = time.time()
-    h = steerlin.exact_gains(model, ops, dirs)
-    timings["exact_gains"] = time.time() - t
-    t = time.time()
-    sur = steerlin.Surrogate.fit(model, ops, dirs, d=args.d)
-    timings["surrogate"] = time.time() - t
-    t = time.time()
-    F = steerlin.kl_metric(model, neutral_stems()["calibration"], dirs)
-    timings["kl_metric"] = time.time() - t
-    # A_lin and the probe on the operating split (held out from the directions' concept split)
-    words = SETTINGS[args.task].label_words
-    lab = list(sp.operating.labels)
-    t = time.time()
-    alin = pr.logit_lens_accuracy(model, ops, lab, label_words=words)
-    timings["logit_lens"] = time.time() - t
-    t = time.time()
-    probe = pr.probe_accuracy(model, ops, lab)
-    timings["probe"] = time.time() - t
-    preds = {
-        "exact gain": pr.gain_curve(h),
-        "surrogate gain": pr.gain_curve(sur.gains),
-        "gain² per KL, h²/F_ll": pr.gain_per_kl(h, F),
-        "A_lin (logit lens)": alin,
-        "probe accuracy": probe,
-    }
-    log(f"{args.task}: predictors in {time.time() - t0:.0f} s; per-layer sweep:")
-    t = time.time()
-    levels = [float(x) for x in args.kl.split(",")]
     suffix = (
         ("" if args.model == "gemma-3-270m" else f"_{args.model}")
         + ("_quick" if args.quick else "")
         + args.tag
     )
     out = ROOT / "benchmarks" / "results" / f"where_to_steer_{args.task}{suffix}.json"
+    img = ROOT / "docs" / "img" / f"where_to_steer_{args.task}{suffix}.png"
+    title = f"{args.model}, {args.task}: judged effect per layer at matched KL vs predictors"
+    old = json.loads(out.read_text()) if args.rescore else None
+    if old is not None:  # the sweep's own settings, whatever the command line says
+        for k in ("sizes", "d", "seeds", "tokens", "kl"):
+            if k in old["args"]:
+                setattr(args, k, old["args"][k])
+    model = steerlin.load_model(args.model)
+    nc, no = (int(x) for x in args.sizes.split(","))
+    dirs, preds, timings = predictors(model, args.task, nc, no, args.d, args.data_dir, log)
+    if old is not None:
+        res = old | {"predictors": {n: p.tolist() for n, p in preds.items()}}
+        res["timings_s"] = old.get("timings_s", {}) | timings
+        res["rescored"] = "predictors recomputed by --rescore; judged sweep as run"
+        score_and_write(res, out, img, title, log)
+        return
+    log(f"{args.task}: per-layer sweep:")
+    t = time.time()
+    levels = [float(x) for x in args.kl.split(",")]
     partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
     save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))
     judged = layer_effects(
         model, dirs, args.task, levels, args.seeds, args.tokens, log, on_layer=save
     )
     timings["sweep"] = time.time() - t
-    scores = {}
-    for k, rec in judged.items():
-        # layers where the direction is zero (nothing to inject) are left out of the scores
-        d = torch.tensor(rec["delta"], dtype=F64)
-        ok = torch.nonzero(~torch.isnan(d)).flatten()
-        sc = pr.score_predictors({n: p[ok] for n, p in preds.items()}, d[ok])
-        for v in sc.values():
-            v["top_layer"] = int(ok[v["top_layer"]])
-        scores[k] = sc
     res = {
         "command": "python benchmarks/where_to_steer.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if v not in (False, None, "") and k != "rescore"
         ),
         "args": vars(args),
         "predictors": {n: p.tolist() for n, p in preds.items()},
         "judged": judged,
-        "scores": scores,
         "timings_s": timings,
     }
-    lines = [
-        "| predictor | "
-        + " | ".join(f"Spearman (KL {k}) | top layer: effect / best (KL {k})" for k in judged)
-        + " |",
-        "|---|" + "---|---|" * len(judged),
-    ]
-    for n in preds:
-        cells = []
-        for k in judged:
-            s = scores[k][n]
-            cells += [f"{s['spearman']:+.2f}", f"l={s['top_layer']}: {s['top_fraction']:.2f}"]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    log(table)
-    res["table"] = table
-    out.write_text(json.dumps(res, indent=1))
-    img = ROOT / "docs" / "img" / f"where_to_steer_{args.task}{suffix}.png"
-    img.parent.mkdir(parents=True, exist_ok=True)
-    plot(
-        res, img, f"{args.model}, {args.task}: judged effect per layer at matched KL vs predictors"
-    )
-    log(f"wrote {out} and {img}")
+    score_and_write(res, out, img, title, log)
 
 
 if __name__ == "__main__":

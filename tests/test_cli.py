@@ -194,6 +194,11 @@ def test_tiny_fit_scan_control(tiny_cli, tmp_path):
     assert doc["config"]["model"] == "gemma-3-270m" and doc["config"]["dtype"] == "float32"
     sur = Surrogate.load(fit / "surrogate.safetensors", tiny_cli)
     assert sur.d == 4
+    # the fit's own reduction check, against the exact gains its observability pass computed
+    assert doc["results"]["gains_exact"] == pytest.approx(sur.gains_exact.tolist(), rel=1e-12)
+    assert doc["results"]["reduction"]["raw_spearman"] == pytest.approx(
+        sur.reduction_error().raw_spearman, abs=1e-12
+    )
     ConceptDirections.load(fit / "directions.safetensors", tiny_cli)
     splits = json.loads((fit / "splits.json").read_text())
     assert len(splits["eval"]["texts"]) == 10 and sorted(set(splits["eval"]["labels"])) == [0, 1]

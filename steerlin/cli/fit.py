@@ -97,6 +97,7 @@ def cmd_fit(args) -> int:
             "std": float(sur.gains_std[l]),
             "scale": float(dirs.scale[l]),
         }
+        | ({} if sur.gains_exact is None else {"exact": float(sur.gains_exact[l])})
         for l in range(sur.n_layers)
     ]
     run.table(
@@ -108,8 +109,17 @@ def cmd_fit(args) -> int:
             ("paper", "paper variant", ".4g"),
             ("std", "per-prompt std", ".3g"),
             ("scale", "scale ‖x_l‖", ".4g"),
-        ],
+        ]
+        + ([] if sur.gains_exact is None else [("exact", "exact (same prompts)", ".4g")]),
     )
+    if sur.gains_exact is not None:
+        check = sur.reduction_error()
+        run.say(
+            f"\nReduction check against the exact gains on the same prompts (computed by the "
+            f"fit's observability pass): raw Spearman {check.raw_spearman:.3f}, median "
+            f"per-layer error {check.rel_err_median:.1%}, max {check.rel_err_max:.1%}."
+        )
+        run.results.update(gains_exact=sur.gains_exact, reduction=check.as_dict())
     run.say(
         f"\nReadout class-mean separation on the eval split: {sep['separation']:+.4g} "
         f"(half of it, {sep['half_separation']:+.4g}, is a natural `control --target`)."

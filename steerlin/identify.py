@@ -341,7 +341,7 @@ def observability_grams(
         W64 = W.detach().to("cpu", torch.float64)
         gram[:L] += torch.einsum("blh,blg->lhg", W64, W64)
         if unit is not None:
-            proj += torch.einsum("blh,lh->l", W64, unit[:L].to(torch.float64))
+            proj += torch.einsum("blh,lh->l", W64, unit[:L].to("cpu", torch.float64))
     if unit is None:
         return reduce(gram)
     return reduce(gram), reduce(proj)

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_gpt2_like, random_prompts
+from conftest import TL4, make_gpt2_like, random_prompts
 
 from steerlin import ConceptDirections
 from steerlin.errors import FileFormatError, InputError, ShapeError
@@ -281,7 +281,11 @@ def test_fit_carries_exact_gains_and_its_own_reduction_check(tiny, readout):
     torch.testing.assert_close(
         full.adjoint_captured, torch.ones_like(full.adjoint_captured), rtol=0, atol=1e-9
     )
-    assert full.reduction_error().rel_err_max < 1e-8  # per-prompt gains exact at d = d_model
+    # per-prompt gains exact at d = d_model (max-normalised: a near-zero layer's relative
+    # error is round-off over round-off); TL4's Gemma bridge has float32 steps inside
+    # (tests/test_bridge.py; measured 2-5e-8 here)
+    assert _rel(full.gains, full.gains_exact) < (1e-6 if TL4 else 1e-9)
+    assert full.reduction_error().raw_spearman == pytest.approx(1.0, abs=1e-12)
 
 
 def test_nested_orders_capture_more_of_the_adjoint(gpt2_setup):

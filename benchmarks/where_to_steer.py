@@ -11,8 +11,9 @@ stems at +a and -a are judged (VADER for sst2, alt-profanity-check for hate); th
 effect is the judged Δ(+,−). Predictors (steerlin.predictors, no generation): exact gains
 |h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll (of the concept readout, and of the
 logit readout: the label words' logit difference, what the next token leans to), the logit
-lens accuracy A_lin (LAP) and a held-out linear probe's accuracy on x_l. Each is scored by Spearman across layers with
-the judged effect and by the judged effect at its top layer over the best layer's.
+lens accuracy A_lin (LAP) and a held-out linear probe's accuracy on x_l. Each is scored by
+Spearman across layers with the judged effect and by the judged effect at its top layer over
+the best layer's.
 Writes benchmarks/results/where_to_steer_<task>[_<model>][<tag>].json and docs/img/ likewise
 (.png). `--rescore` keeps a result file's judged sweep and recomputes the predictors and scores
 (minutes instead of the sweep's half hour).

@@ -90,7 +90,7 @@ def plot(paths: list[Path], img: Path) -> None:
     runs = [json.loads(p.read_text()) for p in paths]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     for r in runs:
-        ds = [o for o in r["orders"]]
+        ds = r["orders"]
         axes[0].plot(
             ds,
             [r[str(o)]["raw_spearman"] for o in ds],

@@ -98,7 +98,7 @@ def fit_core(
 ) -> dict[str, Any]:
     """Layer-major identification; `reduce` sums a statistic over processes (identity: one).
     `obs_gram`: the observability statistic the two-sided/observable bases need; `obs_proj`:
-    Σ_p ⟨w_l(p), unit_l⟩ from the same pass (`observability_grams(unit=)`), which gives the
+    Σ_p ⟨w_l(p), unit_l⟩ from the same pass (`observability_grams`), which gives the
     exact gains and the reduction's self-check at no cost."""
     L, H = model.cfg.n_layers, model.cfg.d_model
     f64 = torch.float64
@@ -214,13 +214,12 @@ def fit_core(
     A = torch.stack(A_mean)
     B = torch.stack(B_mean)
     gains_paper = linalg.gains_from_reduced(A, B, c)
+    P = torch.stack(P)
     out = {
-        "P": torch.stack(P),
+        "P": P,
         # the exact gains on the same prompts (None without the observability pass)
         "gains_exact": None if obs_proj is None else scale[:L] * obs_proj / n,
-        "adjoint_captured": None
-        if obs_gram is None
-        else adjoint_captured(torch.stack(P), obs_gram),
+        "adjoint_captured": None if obs_gram is None else adjoint_captured(P, obs_gram),
         "A": A,
         "B": B,
         "c": c,
@@ -305,22 +304,23 @@ def _hankel(Wc, Wo) -> torch.Tensor:
 
 
 def observability_grams(
-    model, contexts: Iterable, readout: Readout, reduce, unit: torch.Tensor | None = None
-):
-    """Σ_p w_l(p) w_l(p)ᵀ for l = 0..L: the observability statistic of the two-sided basis.
+    model, contexts: Iterable, readout: Readout, reduce, unit: Float[torch.Tensor, "Lp1 H"]
+) -> tuple[Float[torch.Tensor, "Lp1 H H"], Float[torch.Tensor, " L"]]:
+    """(gram, proj): gram[l] = Σ_p w_l(p) w_l(p)ᵀ for l = 0..L, the observability statistic of
+    the two-sided basis, and proj[l] = Σ_p ⟨w_l(p), unit_l⟩ for l < L.
 
     w_L(p) = ∇_x y at the prompt's final state, w_l(p) = A_l(p)ᵀ w_{l+1}(p) = ∂y(p)/∂x_l: all
     of them from ONE backward pass per batch through the single-token chain
     (`state_gradients`, the pass `exact_gains` makes): what the per-layer VJP recursion
     `FrozenContext.vjp` computes one layer at a time, at ~3x the cost.
 
-    With `unit` (Float[L+1, H], the concept directions) it returns `(gram, proj)` with
-    proj[l] = Σ_p ⟨w_l(p), unit_l⟩ (l < L): scale_l proj[l] / n are the exact gains on these
-    prompts, which this pass computes anyway (the fit keeps them as `gains_exact`).
+    scale_l proj[l] / n are the exact gains on these prompts, which this pass computes anyway
+    (the fit keeps them as `gains_exact`).
     """
     L, H = model.cfg.n_layers, model.cfg.d_model
     gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
     proj = torch.zeros(L, dtype=torch.float64)
+    unit64 = unit[:L].to("cpu", torch.float64)
     for ctx in contexts:
         # name the first broken thing before the backward pass smears it over every layer
         bad = (~torch.isfinite(ctx.states)).flatten(2).any(-1).any(0).nonzero().flatten()
@@ -340,10 +340,7 @@ def observability_grams(
         W = state_gradients(ctx, readout, "vjp: non-finite vector-Jacobian product")
         W64 = W.detach().to("cpu", torch.float64)
         gram[:L] += torch.einsum("blh,blg->lhg", W64, W64)
-        if unit is not None:
-            proj += torch.einsum("blh,lh->l", W64, unit[:L].to("cpu", torch.float64))
-    if unit is None:
-        return reduce(gram)
+        proj += torch.einsum("blh,lh->l", W64, unit64)
     return reduce(gram), reduce(proj)
 
 

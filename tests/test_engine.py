@@ -401,7 +401,7 @@ def test_observability_backward_equals_the_vjp_recursion(name, request):
     dirs = ConceptDirections.fit(model, random_prompts(model, 8, seed=2), [0, 1] * 4)
     rd = make_readout(model, "concept", dirs.unit[-1])
     contexts = list(iter_contexts(model, prompts, batch_size=4))
-    got = observability_grams(model, contexts, rd, identity_reduce)
+    got, _ = observability_grams(model, contexts, rd, identity_reduce, dirs.unit)
     want = torch.zeros(L + 1, H, H, dtype=torch.float64)
     for ctx in contexts:
         w = rd.gradient(model, ctx.states[:, -1])

@@ -57,7 +57,7 @@ def _toy(A: torch.Tensor, unit: torch.Tensor, readout_dir: torch.Tensor, d: int,
     contexts = [LinearContext(A, 3, H, model)]
     obs = None
     if basis in ("two-sided", "observable"):
-        obs = observability_grams(model, contexts, rd, identity_reduce)
+        obs, _ = observability_grams(model, contexts, rd, identity_reduce, dirs.unit)
     stats = fit_core(model, contexts, dirs, rd, d, basis, 0, False, identity_reduce, obs_gram=obs)
     return stats
 

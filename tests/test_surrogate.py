@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import TL4, make_gpt2_like, random_prompts
 
-from steerlin import ConceptDirections
+from steerlin import ConceptDirections, Controller
 from steerlin.errors import FileFormatError, InputError, ShapeError
 from steerlin.gains import exact_gains
 from steerlin.linalg import gains_from_reduced
+from steerlin.metrics import fidelity
 from steerlin.surrogate import BASES, VARIANTS, Surrogate
 
 FULL = 32  # d_model of the tiny models
@@ -268,8 +269,6 @@ def test_fit_carries_exact_gains_and_its_own_reduction_check(tiny, readout):
         s = Surrogate.fit(tiny, ops, dirs, d=4, basis=basis, readout=readout, label_words=lw)
         assert s.gains_exact is not None and _rel(s.gains_exact, ex) < 1e-9, basis
         fid = s.reduction_error()
-        from steerlin.metrics import fidelity
-
         ref = fidelity(s.gains, ex, scale=dirs.scale, identity=s.gains_identity)
         assert fid.raw_spearman == pytest.approx(ref.raw_spearman, abs=1e-12)
         assert fid.rel_err_median == pytest.approx(ref.rel_err_median, rel=1e-9)
@@ -309,8 +308,6 @@ def test_krylov_has_no_exact_gains_and_says_so(gpt2_setup, tmp_path):
     assert torch.equal(back.gains_exact, t.gains_exact)
     assert torch.equal(back.adjoint_captured, t.adjoint_captured)
     assert back.reduction_error().raw_spearman == t.reduction_error().raw_spearman
-    from steerlin import Controller
-
     ctrl = Controller.from_gains(back.gains_exact, back.directions, -1.0)  # as docs/usage.md
     ref = Controller.from_gains(exact_gains(model, ops, dirs), dirs, -1.0)
     torch.testing.assert_close(ctrl.schedule.amplitudes, ref.schedule.amplitudes, rtol=1e-9, atol=0)

@@ -13,6 +13,24 @@ import torch
 from _wordtok import word_tokenizer
 
 ARCHS = ("gpt2", "llama", "gemma3")
+#: The architecture matrix (tests/test_arch_matrix.py): ARCHS plus seven more families, each
+#: with the feature that sets it apart (docs/support.md)
+FAMILIES = ARCHS + ("pythia", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2")
+#: family -> (Hugging Face architecture, the features its tiny model exercises)
+FEATURES = {
+    "gpt2": ("GPT2LMHeadModel", "LayerNorm, learned absolute positions"),
+    "llama": ("LlamaForCausalLM", "RMSNorm, rotary, grouped-query attention"),
+    "gemma3": ("Gemma3ForCausalLM", "q/k-norm, pre+post norms, local/global, logit soft-cap"),
+    "pythia": ("GPTNeoXForCausalLM", "parallel attention + MLP, partial rotary (1/4)"),
+    "mistral": ("MistralForCausalLM", "sliding window on every layer"),
+    "qwen2": ("Qwen2ForCausalLM", "q/k/v biases"),
+    "qwen3": ("Qwen3ForCausalLM", "per-head q/k-norm"),
+    "phi3": ("Phi3ForCausalLM", "fused qkv and gate-up projections"),
+    "olmo2": ("Olmo2ForCausalLM", "full-width q/k-norm, norms after attention and MLP"),
+    "gemma2": ("Gemma2ForCausalLM", "attention + final soft-caps, local/global"),
+}
+#: families whose RMSNorm scales by (1 + w)
+_ONE_PLUS_W = ("gemma3", "gemma2")
 
 
 def hf_config(arch: str, n_layers: int | None = None):
@@ -20,7 +38,7 @@ def hf_config(arch: str, n_layers: int | None = None):
     cfg = _hf_config(arch)
     if n_layers is not None:
         cfg.num_hidden_layers = n_layers
-        if arch == "gemma3":
+        if arch in ("gemma3", "gemma2"):
             cfg.layer_types = (["sliding_attention", "full_attention"] * n_layers)[:n_layers]
     return cfg
 
@@ -73,6 +91,76 @@ def _hf_config(arch: str):
             query_pre_attn_scalar=8,
             architectures=["Gemma3ForCausalLM"],
         )
+    return _more_configs(arch)
+
+
+_SMALL = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def _more_configs(arch: str):
+    """The seven families beyond GPT-2, Llama and Gemma-3 (transformers' own config classes)."""
+    import transformers as tf
+
+    if arch == "pythia":
+        return tf.GPTNeoXConfig(
+            **(_SMALL | dict(intermediate_size=64)),
+            hidden_act="gelu",
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            architectures=["GPTNeoXForCausalLM"],
+        )
+    if arch == "mistral":
+        return tf.MistralConfig(
+            **_SMALL,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=6,
+            architectures=["MistralForCausalLM"],
+        )
+    if arch == "qwen2":
+        return tf.Qwen2Config(**_SMALL, num_key_value_heads=2, architectures=["Qwen2ForCausalLM"])
+    if arch == "qwen3":
+        return tf.Qwen3Config(
+            **_SMALL, num_key_value_heads=2, head_dim=8, architectures=["Qwen3ForCausalLM"]
+        )
+    if arch == "phi3":
+        return tf.Phi3Config(
+            **_SMALL,
+            num_key_value_heads=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            architectures=["Phi3ForCausalLM"],
+        )
+    if arch == "olmo2":
+        return tf.Olmo2Config(
+            **_SMALL,
+            num_key_value_heads=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            architectures=["Olmo2ForCausalLM"],
+        )
+    if arch == "gemma2":
+        return tf.Gemma2Config(
+            **(_SMALL | dict(vocab_size=101, num_hidden_layers=4)),
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=8,
+            architectures=["Gemma2ForCausalLM"],
+        )
     raise ValueError(arch)
 
 
@@ -92,7 +180,7 @@ def hf_model(arch: str, dtype=torch.float64, seed: int = 0, n_layers: int | None
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             elif "norm" in name or "ln" in name:
                 # Gemma's RMSNorm scales by (1 + w), the others by w
-                base = 0.0 if arch == "gemma3" else 1.0
+                base = 0.0 if arch in _ONE_PLUS_W else 1.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
@@ -133,9 +221,20 @@ def _hooked_from_hf(arch: str, hf, tok, dtype):
         "gpt2": wc.convert_gpt2_weights,
         "llama": wc.convert_llama_weights,
         "gemma3": wc.convert_gemma_weights,
+        "pythia": wc.convert_neox_weights,
+        "mistral": wc.convert_mistral_weights,
+        "qwen2": wc.convert_qwen2_weights,
+        "qwen3": wc.convert_qwen3_weights,
+        "phi3": wc.convert_phi3_weights,
+        "olmo2": wc.convert_olmo2_weights,
+        "gemma2": wc.convert_gemma_weights,
     }[arch]
-    if arch == "gemma3":  # TransformerLens 3 derives Gemma-3 configs from the model name only
-        cfg = _gemma3_hooked_config(hf.config, dtype)
+    # TransformerLens 3 derives Gemma and OLMo-2 configs from the model name only: its entry
+    # for the family's published models, at the tiny model's size
+    named = {"gemma3": _gemma3_hooked_config, "gemma2": _gemma2_hooked_config}
+    named["olmo2"] = _olmo2_hooked_config
+    if arch in named:
+        cfg = named[arch](hf.config, dtype)
     else:
         with tempfile.TemporaryDirectory(prefix="steerlin-tiny-") as tmp:
             hf.config.save_pretrained(tmp)
@@ -191,6 +290,66 @@ def _gemma3_hooked_config(c, dtype):
         attn_types=["local" if t == "sliding_attention" else "global" for t in c.layer_types],
         output_logits_soft_cap=c.final_logit_softcapping or -1.0,
         original_architecture="Gemma3ForCausalLM",
+        default_prepend_bos=True,
+        dtype=dtype,
+        device="cpu",
+    )
+
+
+def _gemma2_hooked_config(c, dtype):
+    """TransformerLens 3's Gemma-2 config (as its google/gemma-2-2b entry) at `c`'s size."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        d_model=c.hidden_size,
+        d_head=c.head_dim,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings,
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        rotary_base=c.rope_parameters["rope_theta"],
+        positional_embedding_type="rotary",
+        use_attn_scale=True,
+        n_key_value_heads=c.num_key_value_heads,
+        window_size=c.sliding_window,
+        use_local_attn=True,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in c.layer_types],
+        attn_scores_soft_cap=c.attn_logit_softcapping,
+        output_logits_soft_cap=c.final_logit_softcapping,
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        default_prepend_bos=True,
+        dtype=dtype,
+        device="cpu",
+    )
+
+
+def _olmo2_hooked_config(c, dtype):
+    """TransformerLens 3's OLMo-2 config (as its allenai/OLMo-2-0425-1B entry) at `c`'s size."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        d_model=c.hidden_size,
+        d_head=c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings,
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn="silu",
+        normalization_type="RMS",
+        rotary_base=c.rope_parameters["rope_theta"],
+        attn_types=["global"] * c.num_hidden_layers,
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        original_architecture="Olmo2ForCausalLM",
         default_prepend_bos=True,
         dtype=dtype,
         device="cpu",

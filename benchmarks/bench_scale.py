@@ -356,10 +356,16 @@ def workload(args) -> dict:
 
 
 def runs_of(args) -> list[tuple[str, str, int]]:
+    """float32 at every size; then the other dtypes at the largest and smallest size, the
+    2-thread runs, and the other dtypes at the middle sizes (a run cut short keeps the ends)."""
     shapes = args.shapes.split(",")
-    runs = [(s, dt, 1) for s in shapes for dt in args.dtypes.split(",")]
+    dtypes = args.dtypes.split(",")
+    ends = [shapes[-1], shapes[0]] if len(shapes) > 1 else shapes
+    runs = [(s, dtypes[0], 1) for s in shapes]
+    runs += [(s, dt, 1) for dt in dtypes[1:] for s in ends]
     two = [s for s in (args.two_threads or f"{shapes[0]},{shapes[-1]}").split(",") if s]
-    runs += [(s, "float32", 2) for s in two]
+    runs += [(s, dtypes[0], 2) for s in two]
+    runs += [(s, dt, 1) for dt in dtypes[1:] for s in shapes if s not in ends]
     return runs
 
 

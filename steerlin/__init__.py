@@ -5,6 +5,7 @@ system. steerlin identifies it from JVPs (`Surrogate.fit`), predicts per-layer s
 and gives the minimum-energy schedule for a target shift (`Controller`).
 """
 
+from . import predictors  # where to steer without generating
 from .backend import check_model, count_hooks
 from .control import Controller
 from .data import TASKS, LabelledPrompts, Splits, Task, load_demo_task, load_task
@@ -15,11 +16,13 @@ from .fisher import kl_metric
 from .frozen import FrozenContext, iter_contexts
 from .gains import cross_gains, exact_gains, scan_gains
 from .hooks import inject
+from .interop import block_outputs
 from .loading import load_model
 from .measure import Calibration, calibrate, measure_shift
 from .metrics import Fidelity, fidelity
 from .readouts import Readout
 from .schedule import Schedule
+from .steer import Steering, steer
 from .steer_eval import neutral_stems
 from .surrogate import Surrogate
 from .trajectory import Trajectory, capture
@@ -39,12 +42,14 @@ __all__ = [
     "Readout",
     "Schedule",
     "Splits",
+    "Steering",
     "SteerlinError",
     "Surrogate",
     "TASKS",
     "Task",
     "Trajectory",
     "calibrate",
+    "block_outputs",
     "capture",
     "check_model",
     "compare_energy",
@@ -60,5 +65,7 @@ __all__ = [
     "load_task",
     "measure_shift",
     "neutral_stems",
+    "predictors",
     "scan_gains",
+    "steer",
 ]

@@ -86,17 +86,19 @@ def resolve_inputs(
 ) -> FitInputs:
     """Sort `Surrogate.fit`'s `prompts` into concept (labelled) and operating prompts."""
     from .data import LabelledPrompts, Splits, Task
+    from .data.splits import PAPER_COUNTS
 
     if isinstance(prompts, Task):
         names = tuple(prompts.spec.class_names)
-        try:
-            prompts = prompts.split(400, 200, 200, seed=seed)
-        except InputError as exc:
-            raise InputError(
-                f"{exc}. Surrogate.fit splits a Task with task.split(400, 200, 200, seed); pass "
-                "your own task.split(n_concept, n_operating, n_eval) instead"
-            ) from None
-        how = f"Task split(400, 200, 200, seed={seed})"
+        counts = prompts.default_counts()
+        task_name = prompts.name
+        prompts = prompts.split(*counts, seed=seed)
+        how = f"Task {task_name!r} split{counts} per class (concept, operating, eval; seed={seed})"
+        if counts != PAPER_COUNTS:
+            how += (
+                f": its smaller class has fewer than {sum(PAPER_COUNTS)} examples, so the "
+                f"paper's {PAPER_COUNTS} scaled 2:1:1 to it"
+            )
         return FitInputs(
             list(prompts.operating.texts),
             list(prompts.concept.texts),

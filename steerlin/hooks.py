@@ -185,6 +185,12 @@ class _CacheProbe:
         return self.offsets.pop(layer, None)
 
 
+def addition_name(layer: int, n_layers: int) -> str:
+    """Where an addition to x_l goes: `blocks.{l}.hook_resid_pre`, and for x_L (l = n_layers)
+    the last block's `hook_resid_post`."""
+    return resid_pre_name(layer) if layer < n_layers else resid_post_name(n_layers - 1)
+
+
 def _check_additions(model, additions) -> dict[int, torch.Tensor]:
     if not isinstance(additions, Mapping):
         raise ModelTypeError(
@@ -193,7 +199,7 @@ def _check_additions(model, additions) -> dict[int, torch.Tensor]:
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
     checked: dict[int, torch.Tensor] = {}
     for layer, vec in additions.items():
-        layer = check_layer(layer, n_layers, what="additions layer")
+        layer = check_layer(layer, n_layers, what="additions layer", allow_final=True)
         checked[layer] = check_vector(vec, d_model, what=f"additions[{layer}]", batched=True)
     return checked
 
@@ -240,8 +246,9 @@ def steering_hooks(
         )
     checked = _check_additions(model, additions)
     len_t = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+    L = model.cfg.n_layers
     return [
-        (resid_pre_name(l), _make_hook(l, v, policy, len_t, None))
+        (addition_name(l, L), _make_hook(l, v, policy, len_t, None))
         for l, v in sorted(checked.items())
     ]
 
@@ -262,11 +269,12 @@ def inject(
     positions: Positions = DEFAULT_POSITIONS,
     lengths: Sequence[int] | torch.Tensor | None = None,
 ) -> Iterator[Injection]:
-    """Add `additions[l]` to `blocks.{l}.hook_resid_pre` while the context is open.
+    """Add `additions[l]` to x_l (`blocks.{l}.hook_resid_pre`; x_L: the last block's
+    `hook_resid_post`) while the context is open.
 
     Args:
         model: the model to steer.
-        additions: layer -> vector Float[d_model] (same for every sequence) or
+        additions: layer l in 0..L -> vector Float[d_model] (same for every sequence) or
             Float[batch, d_model] (one per sequence of the batch that will run).
         positions: which positions of each forward are steered (see `PositionPolicy`); every
             forward is judged on its own, with its own KV-cache position, so one context serves
@@ -290,12 +298,20 @@ def inject(
     len_t = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
     handle = Injection(positions, len_t)
     probe = _CacheProbe()
+    L = model.cfg.n_layers
     fwd_hooks = [
-        (resid_pre_name(l), _make_hook(l, v, policy, len_t, probe))
+        (addition_name(l, L), _make_hook(l, v, policy, len_t, probe))
         for l, v in sorted(checked.items())
     ]
+
+    def record(block: int, offset: int | None) -> None:
+        probe.record(block, offset)
+        if block == L - 1 and L in checked:  # x_L is read off the last block's own cache
+            probe.record(L, offset)
+
+    blocks = sorted({min(l, L - 1) for l in checked})
     be = backend.get(model)
-    with be.position_probe(model, sorted(checked), probe.record), be.hooks(model, fwd_hooks):
+    with be.position_probe(model, blocks, record), be.hooks(model, fwd_hooks):
         yield handle
 
 
@@ -308,6 +324,7 @@ __all__ = [
     "state_hook_names",
     "DEFAULT_POSITIONS",
     "Injection",
+    "addition_name",
     "PositionPolicy",
     "check_model",
     "inject",

@@ -71,6 +71,28 @@ def is_gguf_path(obj: Any) -> bool:
 INDEXES = ("resid_pre", "block_output")
 
 
+class BlockOutputs(dict):
+    """A dict {n: vector} in the other tools' numbering: n is the block whose OUTPUT the vector
+    is added to (steering-vectors, repeng, llama.cpp), i.e. steerlin's x_{n+1}.
+
+    Accepted wherever directions are (`Surrogate.fit(..., directions=)`, `steerlin.steer`,
+    `ConceptDirections.from_vectors`), where a plain dict is read in steerlin's own x_l.
+    """
+
+    def __repr__(self) -> str:
+        return f"block_outputs({dict.__repr__(self)})"
+
+
+def block_outputs(vectors: Mapping) -> BlockOutputs:
+    """Mark a dict {n: vector} as keyed by block output (the other tools' layer numbers):
+    `steerlin.block_outputs({6: v})` is steerlin's x_7."""
+    if not isinstance(vectors, Mapping):
+        raise ModelTypeError(
+            f"vectors: expected a dict block -> vector, got {type(vectors).__name__}"
+        )
+    return BlockOutputs(vectors)
+
+
 def to_steerlin_layers(
     obj: Any, n_layers: int, d_model: int, *, index: str = "resid_pre"
 ) -> tuple[dict[int, torch.Tensor], str]:
@@ -79,8 +101,9 @@ def to_steerlin_layers(
     Accepts a tensor/array [L+1, H] or [H], a dict {l: vector}, a steering-vectors
     `SteeringVector`, a repeng `ControlVector` (duck-typed) or a path to a llama.cpp/repeng
     control-vector GGUF. A dict's keys are steerlin's x_l (`index="resid_pre"`, default) or,
-    with `index="block_output"`, the block whose output the vector is added to (the other tools'
-    convention: key n -> x_{n+1}). Anything else raises ModelTypeError naming what came.
+    for a `BlockOutputs` (`block_outputs(d)`) or with `index="block_output"`, the block whose
+    output the vector is added to (the other tools' convention: key n -> x_{n+1}). Anything
+    else raises ModelTypeError naming what came.
     """
     L = n_layers
     if index not in INDEXES:
@@ -103,7 +126,7 @@ def to_steerlin_layers(
     dirs = getattr(obj, "directions", None)
     if isinstance(dirs, Mapping) and hasattr(obj, "model_type"):
         return _shifted(dirs, L, d_model, "ControlVector.directions"), "repeng"
-    if isinstance(obj, Mapping) and index == "block_output":
+    if isinstance(obj, BlockOutputs) or (isinstance(obj, Mapping) and index == "block_output"):
         return _shifted(obj, L, d_model, "directions"), "dict (block outputs)"
     if isinstance(obj, Mapping):
         out = {}
@@ -276,8 +299,10 @@ def write_gguf(path, directions: Mapping[int, Any], *, model_hint: str) -> Path:
 
 
 __all__ = [
+    "BlockOutputs",
     "INDEXES",
     "OUTPUT_SHIFT",
+    "block_outputs",
     "fill_nearest",
     "is_gguf_path",
     "read_gguf",

@@ -180,8 +180,10 @@ class Surrogate:
 
         - `Splits`: directions from `concept` (class means), identification on `operating`;
           `eval` is untouched (no prompt is used twice).
-        - `Task`: split with `task.split(400, 200, 200, seed=seed)` (the paper's sizes, per
-          class), then as `Splits`; the same call gives you the held-out `eval` split.
+        - `Task`: split with `task.split(*task.default_counts(), seed=seed)` (the paper's
+          400/200/200 per class, or 2:1:1 of a smaller task: the demo task's 300 per class give
+          150/75/75; `meta["inputs"]` says which), then as `Splits`; the same call gives you
+          the held-out `eval` split.
         - `LabelledPrompts` or a tuple `(prompts, labels)` (strings or token-id lists, 0/1
           labels): each class is split with `seed` into disjoint concept (`concept_fraction`,
           default half) and operating prompts.

@@ -74,8 +74,18 @@ def test_task_uses_its_documented_default_split(worded):
     pos = [f"{a} {b}" for a in ("good", "great", "nice", "fun") for b in ("movie", "film", "plot")]
     neg = [f"{a} {b}" for a in ("bad", "awful", "poor", "dull") for b in ("movie", "film", "plot")]
     task = Task("toy", TASKS["sst2"], LabelledPrompts(pos + neg, [1] * 12 + [0] * 12))
-    with pytest.raises(InputError, match=r"task\.split\(400, 200, 200, seed\)"):
-        Surrogate.fit(worded, task, d=D)
+    # a small task: the paper's 400/200/200 scaled 2:1:1 to its 12 per class, and said so
+    assert task.default_counts() == (6, 3, 3)
+    small = resolve_inputs(task, labels_needed=True, seed=2)
+    ref = task.split(6, 3, 3, seed=2)
+    assert small.operating == list(ref.operating.texts) and small.concept == list(ref.concept.texts)
+    assert "split(6, 3, 3)" in small.how and "scaled 2:1:1" in small.how
+    sur = Surrogate.fit(worded, task, d=D, seed=2)
+    assert sur.meta["inputs"] == small.how and sur.meta["n_prompts"] == 6
+    _same(sur, Surrogate.fit(worded, ref, d=D, seed=2))
+    tiny = Task("toy", TASKS["sst2"], LabelledPrompts(pos[:3] + neg[:3], [1] * 3 + [0] * 3))
+    with pytest.raises(InputError, match="at least 4 per class"):
+        Surrogate.fit(worded, tiny, d=D)
     # the documented default on a task big enough for it: same surrogate as doing it by hand
     big = Task(
         "toy",
@@ -88,10 +98,22 @@ def test_task_uses_its_documented_default_split(worded):
     )
     inputs = resolve_inputs(big, labels_needed=True, seed=1)
     ref = big.split(400, 200, 200, seed=1)
+    assert big.default_counts() == (400, 200, 200) and "scaled" not in inputs.how
     assert inputs.operating == list(ref.operating.texts)
     assert inputs.concept == list(ref.concept.texts)
     assert not set(inputs.concept) & set(inputs.operating)
     assert not (set(inputs.concept) | set(inputs.operating)) & set(ref.eval.texts)
+
+
+def test_demo_task_split_fits_its_size():
+    """The shipped demo task (300 per class) goes to `Surrogate.fit` as it is (issue 34)."""
+    from steerlin import load_demo_task
+
+    inputs = resolve_inputs(load_demo_task(), labels_needed=True)
+    assert load_demo_task().default_counts() == (150, 75, 75)
+    assert len(inputs.concept) == 300 and len(inputs.operating) == 150
+    assert sorted(inputs.concept_labels) == [0] * 150 + [1] * 150
+    assert not set(inputs.concept) & set(inputs.operating)
 
 
 def test_plain_prompts_need_directions(gemma_like):

@@ -430,22 +430,37 @@ def test_bad_position_policies(gpt2_like, bad):
 def test_unknown_layer(gpt2_like):
     with pytest.raises(
         LayerError,
-        match=r"additions layer: expected a layer index in 0\.\.2 "
-        r"\(the model has 3 blocks\), got 3",
+        match=r"additions layer: expected a layer index in 0\.\.3 "
+        r"\(the model has 3 blocks\), got 4",
     ):
-        with inject(gpt2_like, {3: _vec(gpt2_like)}):
+        with inject(gpt2_like, {4: _vec(gpt2_like)}):
             pass
 
 
+def test_final_state_layer(gpt2_like):
+    """x_L (layer index L) is the last block's output: added at its hook_resid_post, so the
+    logits move exactly as adding the vector after the last block does."""
+    m, v = gpt2_like, _vec(gpt2_like)
+    toks = torch.tensor([[1, 5, 9, 4]])
+    L = m.cfg.n_layers
+    post = f"blocks.{L - 1}.hook_resid_post"
+    ref = m.run_with_hooks(toks, fwd_hooks=[(post, lambda r, hook: r + v)])
+    with inject(m, {L: v}, positions="all"):
+        got = m(toks)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, m(toks))
+    assert count_hooks(m) == 0
+
+
 def test_negative_layer(gpt2_like):
-    with pytest.raises(LayerError, match=r"in 0\.\.2 .* got -1"):
+    with pytest.raises(LayerError, match=r"in 0\.\.3 .* got -1"):
         with inject(gpt2_like, {-1: _vec(gpt2_like)}):
             pass
 
 
 @pytest.mark.parametrize("layer", ["1", 1.0, True])
 def test_non_int_layer(gpt2_like, layer):
-    with pytest.raises(LayerError, match=r"expected an int in 0\.\.2"):
+    with pytest.raises(LayerError, match=r"expected an int in 0\.\.3"):
         with inject(gpt2_like, {layer: _vec(gpt2_like)}):
             pass
 

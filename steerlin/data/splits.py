@@ -296,6 +296,27 @@ def dedupe(prompts: LabelledPrompts) -> tuple[LabelledPrompts, int]:
     )
 
 
+#: The paper's split sizes per class (concept, operating, eval): what a Task gives `Surrogate.fit`
+#: when it has enough examples; smaller tasks get the same 2:1:1 proportions (`default_counts`).
+PAPER_COUNTS = (400, 200, 200)
+
+
+def scaled_counts(n_per_class: int) -> tuple[int, int, int]:
+    """(n_concept, n_operating, n_eval) per class for a task with `n_per_class` usable examples
+    in its smaller class: the paper's 400/200/200 when there are 800 or more, else the same
+    2:1:1 proportions of what there is (300 -> 150/75/75). Fewer than 4 raise InputError."""
+    n = int(n_per_class)
+    if n >= sum(PAPER_COUNTS):
+        return PAPER_COUNTS
+    if n < 4:
+        raise InputError(
+            f"task: its smaller class has {n} usable example(s); a concept/operating/eval split "
+            "needs at least 4 per class"
+        )
+    n_c, n_o = n // 2, n // 4
+    return n_c, n_o, min(n // 4, n - n_c - n_o)
+
+
 def _check_count(name: str, n: Any, minimum: int) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < minimum:
         raise InputError(f"{name}: expected an integer >= {minimum} (per class), got {n!r}")
@@ -339,6 +360,14 @@ class Task:
         sp = self.split(*args, **kwargs)
         chat = lambda lp: lp.with_chat(tokenizer, system=system)
         return Splits(chat(sp.concept), chat(sp.operating), chat(sp.eval), sp.seed)
+
+    def default_counts(self) -> tuple[int, int, int]:
+        """The per-class split sizes `Surrogate.fit(model, task)` uses: the paper's 400/200/200
+        if the smaller class has 800 examples after deduplication, else 2:1:1 of what it has
+        (`scaled_counts`; the shipped demo task, 300 per class: 150/75/75)."""
+        unique, _ = dedupe(self.prompts)
+        labels = unique.labels_array()
+        return scaled_counts(min(int((labels == c).sum()) for c in (0, 1)))
 
     def split(
         self, n_concept: int = 400, n_operating: int = 200, n_eval: int = 200, *, seed: int = 0

@@ -420,6 +420,8 @@ def main() -> None:
             C.write_results(
                 path.stem, argparse_ns(path), dict(env, loadavg_start=list(os.getloadavg())), res
             )
+    from bench_scale_report import report
+
     report(quick=args.quick)
 
 
@@ -431,7 +433,3 @@ def argparse_ns(path: Path):
 
 if __name__ == "__main__":
     main()
-
-
-def report(quick: bool = False) -> None:  # filled in below
-    pass

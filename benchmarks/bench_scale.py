@@ -242,6 +242,19 @@ def stage(model, name: str, fn, out: dict, chain: int = 0):
     return res
 
 
+def profiled(fn, top: int = 30) -> list[str]:
+    """fn() under cProfile: the top functions by cumulative time, as text lines."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    return buf.getvalue().splitlines()
+
+
 def generation(model, ctrl, stems: list[str], n_new: int, reps: int) -> dict:
     """Plain vs steered greedy generation of one batch of stems, interleaved ABBA."""
     import torch
@@ -332,6 +345,8 @@ def child(args) -> None:
         model, "fit", lambda: Surrogate.fit(model, operating, directions=dirs, d=d), st,
         chain=n * L * (d + 4),
     )  # fmt: skip
+    if args.profile_fit:  # a second fit under cProfile: where its time goes
+        out["fit_profile"] = profiled(lambda: Surrogate.fit(model, operating, directions=dirs, d=d))
     stage(model, "scan", lambda: scan_gains(model, operating, dirs), st, chain=n * L * (L + 1))
     ctrl = stage(model, "calibrate", lambda: Controller(sur, 1.0).calibrate(model, stems), st)
     out["calibrated_multiplier"] = float(ctrl.calibration.multiplier)
@@ -387,6 +402,7 @@ def main() -> None:
     p.add_argument("--two-threads", default=None, help="shapes run at 2 threads (first,last)")
     p.add_argument("--skip-existing", action="store_true", help="keep runs already written")
     p.add_argument("--report", action="store_true", help="only the report from saved results")
+    p.add_argument("--profile-fit", action="store_true", help="add a cProfile of a second fit")
     p.add_argument("--child", action="store_true", help=C.HIDDEN)
     p.add_argument("--child-shape", help=C.HIDDEN)
     p.add_argument("--child-dtype", help=C.HIDDEN)
@@ -411,6 +427,7 @@ def main() -> None:
                      threads, "--n", args.n, "--tokens", args.tokens, "--d", args.d, "--stems",
                      args.stems, "--stem-tokens", args.stem_tokens, "--gen-tokens",
                      args.gen_tokens, "--gen-reps", args.gen_reps]  # fmt: skip
+            flags += ["--profile-fit"] if args.profile_fit else []
             try:
                 res, wall = C.run_child(__file__, flags, f"{shape} {dtype} {threads}t")
             except SystemExit as exc:  # one failed run does not stop the others

@@ -32,6 +32,7 @@ and exits 1 if a check failed.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -286,12 +287,18 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="two tiny random models (seconds)")
     p.add_argument("--skip", default="", help="comma list of: large, gemma, pytest")
     p.add_argument("--large", default="llama-3.2-1b", help="bench_scale shape of the 1B+ case")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on cpu, all on cuda)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path")
     args = p.parse_args(argv)
     import torch
 
-    C.set_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    C.set_threads(args.threads or ((os.cpu_count() or 1) if cuda else 1))
     skip = {s for s in args.skip.split(",") if s}
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -14,6 +14,8 @@ pattern (all layers, the last, one given or one random layer) and solve for its 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -147,8 +149,10 @@ class Controller:
     def sign_convention(self) -> str:
         """Which label is + for each concept, and the size of one class separation."""
         parts = []
-        for t in self.targets:
+        for t, s in zip(self.targets, self.surrogates, strict=True):
             sep = "unknown" if t.separation is None else f"{t.separation:.4g}"
+            if t.separation is not None and getattr(s, "brought_directions", False):
+                sep += " raw (the brought vector's ‖v_L‖, not a class-mean difference)"
             parts.append(f"+ = {t.label_plus!r}, − = {t.label_minus!r}, 1 separation = {sep}")
         return "; ".join(parts)
 
@@ -229,7 +233,7 @@ class Controller:
         model,
         prompts,
         *,
-        positions="last",
+        positions="generated",
         n_tokens: int = 8,
         schedule: Schedule | None = None,
         readout=None,
@@ -240,12 +244,15 @@ class Controller:
 
         One multiplier of the schedule (default: the least-norm `schedule`; or a `baseline`)
         is bisected until the mean readout shift measured on `prompts` equals the target, in
-        the regime `apply(model, positions=positions)` steers generation in
-        (`steerlin.regime`): for "last"/"generated" (under `model.generate` with its KV cache
-        both steer the last prompt token and every generated token) the shift is measured over
-        the prompts' unsteered greedy continuations of `n_tokens` tokens, teacher-forced, with
-        the schedule on the last prompt token and every continuation token; `n_tokens=0`
-        measures a single forward at the last prompt token only; "all" steers every position.
+        the regime `apply(model)` steers generation in (`steerlin.regime`), named as everywhere
+        in steerlin: "generated" (default: the last prompt token and every generated token,
+        which is what `apply(model)` does under `model.generate` with its KV cache) measures
+        the shift over the prompts' unsteered greedy continuations of `n_tokens` tokens,
+        teacher-forced, with the schedule on the last prompt token and every continuation
+        token; `n_tokens=0` measures a single forward at the last prompt token only (what
+        positions="last" means in `steerlin.calibrate`); "all" steers every position.
+        positions="last" here used to mean the generation regime ("generated"); it still does
+        for one release, with a DeprecationWarning, and will then mean the last-token forward.
 
         The one calibration, `steerlin.measure.calibrate` (tol None: its default `TOL`).
         Calibrates in place (`calibration` holds the `Calibration` and `apply` uses it) and
@@ -256,6 +263,15 @@ class Controller:
         if not self.single:
             raise InputError("calibrate: one concept at a time (a single multiplier per readout)")
         n_tokens = check_int("n_tokens", n_tokens, min=0)
+        if isinstance(positions, str) and positions == "last":
+            warnings.warn(
+                "Controller.calibrate(positions='last') measures the generation regime, which "
+                "steerlin names positions='generated' (the default; steerlin.calibrate's 'last' "
+                "is one last-token forward, here n_tokens=0); pass 'generated'. In the next "
+                "release 'last' will mean the last-token forward here too",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         regime = _regime_of(positions)
         if regime == "generated" and int(n_tokens) == 0:
             regime = "last"
@@ -322,17 +338,19 @@ class Controller:
         cls,
         surrogate,
         *,
-        strength: float = 2.0,
+        separations: float | None = None,
         sign: int = 1,
         model=None,
         prompts=None,
         n_tokens: int = 8,
+        strength: float | None = None,
     ) -> Controller:
         """The Controller steerlin recommends for this model and concept, computed from it.
 
         Which layers: the least-norm schedule over all layers, u_l ∝ h_l, so the layers with the
         largest gains carry the amplitude (`recommendation["layers"]`: those holding 90% of
-        Σu²). How hard: ±`strength` class separations of the concept readout, calibrated on
+        Σu²). How hard: `sign` x `separations` class separations of the concept readout
+        (default 2; `strength=`, its old name, still works for one release), calibrated on
         `model` over `prompts` in the generation regime when both are given (the multiplier is
         then measured on the user's model, not assumed); then `recommendation` also ranks the
         layers for single-layer steering by gain per unit KL, h_l²/F_ll (F: `kl_metric` on the
@@ -340,7 +358,19 @@ class Controller:
         |t| = 2 by default: steer-eval's comparison of strategies (docs/results.md).
         `ctrl.recommendation` says what each choice was based on.
         """
-        strength = check_number("strength", strength, positive=True)
+        if strength is not None:
+            if separations is not None:
+                raise InputError("separations: pass separations= only (strength= is its old name)")
+            warnings.warn(
+                "Controller.recommend(strength=) is now separations= (class separations); "
+                "strength= goes in the next release",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            separations, name = strength, "strength"
+        else:
+            separations, name = (2.0 if separations is None else separations), "separations"
+        strength = check_number(name, separations, positive=True)
         if sign not in (1, -1):
             raise InputError(f"sign: expected +1 or -1, got {sign!r}")
         ctrl = cls(surrogate, sign * float(strength), metric="norm")
@@ -352,7 +382,8 @@ class Controller:
             "strategy": "min-norm (least Σu², all layers)",
             "layers": sorted(int(x) for x in order[:keep]),
             "energy_share": {int(x): float(share[x]) for x in order[:keep]},
-            "strength": float(strength),
+            "separations": float(strength),
+            "strength": float(strength),  # its old name (one release)
             "sign": sign,
             "based_on": "the surrogate's gains h_l"
             + ("; strength calibrated on the given prompts" if model is not None else ""),

@@ -27,6 +27,7 @@ and every benchmark.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -389,12 +390,47 @@ class Calibration:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schedule"}
 
 
+def _schedule_separation(schedule) -> float | None:
+    """One class separation of the schedule's readout (raw units), where a Controller stored it."""
+    tu = (getattr(schedule, "meta", None) or {}).get("target_units")
+    sep = tu.get("separation") if isinstance(tu, dict) else None
+    return None if sep is None else float(sep)
+
+
+def raw_target(target: float, units: str | None, separation: float | None, where: str) -> float:
+    """A target in `units` ("raw" readout units or "separations", one = `separation` raw) as a
+    raw readout shift. units=None is the old default, raw, with a DeprecationWarning where a
+    class separation is known (the default becomes "separations" there in the next release)."""
+    if units is None:
+        if separation is not None:
+            warnings.warn(
+                f"{where}: target={target:g} is read in raw readout units because units= was not "
+                f"given; pass units='raw' to keep that, or units='separations' (one = "
+                f"{separation:.4g} raw here). The default becomes 'separations' where a class "
+                "separation is known in the next release",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        return target
+    if units == "raw":
+        return target
+    if units != "separations":
+        raise InputError(f"units: expected 'raw' or 'separations', got {units!r}")
+    if separation is None or separation == 0:
+        raise InputError(
+            "units='separations': this schedule carries no class separation (not built by a "
+            "Controller from class-mean directions); pass units='raw'"
+        )
+    return target * separation
+
+
 def calibrate(
     model: Model,
     prompts,
     schedule,
     target: float,
     *,
+    units: str | None = None,
     readout=None,
     label_words: Sequence[str] | Sequence[int] | None = None,
     positions: str = "last",
@@ -409,6 +445,11 @@ def calibrate(
 ) -> Calibration:
     """Rescale `schedule` by one multiplier until the full model's mean readout shift equals
     `target` (to `tol` relative), measured under the position policy `positions`.
+
+    units: "raw" (readout units) or "separations" (class separations, for a schedule a
+    Controller made: its meta records one separation in raw units). Not given: raw, as before,
+    with a DeprecationWarning when the schedule knows its separation (the default becomes
+    "separations" there in the next release). `Calibration.target` is always raw.
 
     positions="last" (the paper's procedure): the shift at each prompt's last token;
     method="cached" (default) on frozen contexts (`engine`, see `steerlin.frozen`; batches up to
@@ -426,6 +467,7 @@ def calibrate(
     target = check_number("target", target)
     if target == 0:
         raise InputError(f"target: expected a finite non-zero shift, got {target}")
+    target = raw_target(target, units, _schedule_separation(schedule), "calibrate")
     positions = check_policy(positions)
     n_tokens = check_int("n_tokens", n_tokens, min=1)
     tol = check_number("tol", tol, positive=True)
@@ -498,6 +540,7 @@ __all__ = [
     "regime_kl",
     "continuation_scores",
     "bisect_multiplier",
+    "raw_target",
     "Calibration",
     "RegimeCalibration",
     "calibrate",

@@ -531,6 +531,49 @@ class Surrogate:
         extra = {k: t[k] for k in OPTIONAL if k in t}
         return cls(**{k: t[k] for k in need}, meta=meta, directions=dirs, **extra)
 
+    @property
+    def brought_directions(self) -> bool:
+        """True when the directions were brought (`directions=` vectors), not class means."""
+        return self.meta.get("directions_source", "class means") not in (
+            "class means",
+            "ConceptDirections",
+        )
+
+    @property
+    def target_unit(self) -> str:
+        """What one target unit (one "class separation") is here, in raw readout units."""
+        sep = (self.meta.get("separation") or {}).get("value")
+        if sep is None:
+            return "no class separation stored: targets only in raw readout units (units='raw')"
+        if not self.brought_directions:
+            return (
+                f"1 class separation = {sep:.4g} raw readout units (label-1 mean minus label-0 "
+                "mean of the readout on the concept split)"
+            )
+        src = self.meta.get("directions_source")
+        return (
+            f"1 'class separation' = {sep:.4g} raw readout units: the brought vector's own "
+            f"size at x_L, ⟨unit_L, v_L⟩ = ‖v_L‖ ({src} vectors carry no class means; a "
+            "unit-norm vector such as repeng's makes it 1 raw unit). Targets in raw units: "
+            "units='raw'"
+        )
+
+    def summary(self) -> str:
+        """A few lines: what was fitted on what, what one target unit is, where the gains are."""
+        g = self.gains.to(torch.float64)
+        top = torch.argsort(g.abs(), descending=True)[:3].tolist()
+        rd = self.meta.get("readout", {}).get("kind", "concept")
+        lines = [
+            repr(self),
+            f"inputs: {self.meta.get('inputs', '?')}; {self.meta.get('n_prompts', '?')} "
+            f"operating prompts, {self.meta.get('n_concept', 0)} concept prompts",
+            f"directions: {self.meta.get('directions_source', 'class means')}; readout: {rd}",
+            f"target unit: {self.target_unit}",
+            "gains dy/du_l (u norm-relative: 0.1 = 10% of ‖x_l‖), largest at layers "
+            + ", ".join(f"{l} ({float(g[l]):+.4g})" for l in top),
+        ]
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         return (
             f"Surrogate(model={self.meta.get('model_name')!r}, L={self.n_layers}, d={self.d}, "

@@ -14,7 +14,7 @@ from .backend import Model
 from .control import Controller
 from .errors import InputError, UnreachableTargetError
 from .frozen import ContextPool
-from .measure import TOL, Calibration, calibrate, measure_shift  # noqa: F401 (lived here)
+from .measure import TOL, Calibration, calibrate, measure_shift, raw_target  # noqa: F401
 from .tokens import PromptsLike
 from .validate import check_int, check_number
 
@@ -25,6 +25,7 @@ def compare_energy(
     surrogate,
     target: float,
     *,
+    units: str | None = None,
     baselines: Sequence[str] = ("uniform", "last", "random"),
     n_random: int = 5,
     layers: Sequence[int] | None = None,
@@ -38,7 +39,14 @@ def compare_energy(
     ratio_to_llv, raw_energy, measured_shift, multiplier, evaluations, layers; "random" gives
     `n_random` seeded draws and a median row. A strategy that cannot reach the target keeps
     its row with energy = inf and the error message.
+
+    units: "raw" (readout units) or "separations" (class separations of the surrogate's
+    readout, stored at fit time). Not given: raw, as before, with a DeprecationWarning when
+    the surrogate knows its separation (the default becomes "separations" in the next
+    release). The rows' `measured_shift` is raw.
     """
+    from .targets import separation_info
+
     n_random = check_int("n_random", n_random, min=0)
     if isinstance(baselines, str) or not isinstance(baselines, Sequence):
         raise InputError(f"baselines: expected a list of baseline names, got {baselines!r}")
@@ -47,7 +55,13 @@ def compare_energy(
             raise InputError(f"baselines: expected names such as 'uniform', got {b!r}")
     tol = check_number("tol", tol, positive=True)
     batch_size = check_int("batch_size", batch_size, min=1)
-    ctrl = Controller(surrogate, target, units="raw", layers=layers, seed=seed)
+    if isinstance(target, str):  # a label name: ±1 class separation, whatever units says
+        ctrl = Controller(surrogate, target, layers=layers, seed=seed)
+    else:
+        sep = separation_info(getattr(surrogate, "meta", None) or {})[0]
+        target = raw_target(check_number("target", target), units, sep, "compare_energy")
+        ctrl = Controller(surrogate, target, units="raw", layers=layers, seed=seed)
+    target = float(ctrl.target[0])
     plans = [("llv", ctrl.schedule)]
     for kind in baselines:
         if kind == "random":
@@ -61,7 +75,7 @@ def compare_energy(
     for name, sched in plans:
         row = {"strategy": name or sched.strategy, "layers": sched.layers}
         try:
-            cal = calibrate(model, pool, sched, target, tol=tol, batch_size=batch_size)
+            cal = calibrate(model, pool, sched, target, units="raw", tol=tol, batch_size=batch_size)
             row.update(
                 energy=cal.schedule.energy,
                 raw_energy=cal.schedule.raw_energy,

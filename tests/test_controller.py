@@ -437,6 +437,35 @@ def test_calibrate_argument_errors(cal_setup):
         calibrate(model, prompts, zero, 1.0, readout=sched.readout)
 
 
+def test_calibrate_target_units(cal_setup):
+    """Every target says its unit (issue 34): units="separations" scales by the separation the
+    schedule's Controller stored, "raw" is the readout itself; not given: raw, as before, with
+    a DeprecationWarning where a separation is known, and silently where none is."""
+    import warnings
+
+    model, prompts, _ = cal_setup
+    L, H = model.cfg.n_layers, model.cfg.d_model
+    sur = synthetic_surrogate(L=L, H=H, seed=0)
+    sur.meta["separation"] = {"value": 4.0, "readout": "concept"}
+    sched = Controller(sur, 1.0).schedule  # one class separation = 4.0 raw
+    assert sched.meta["target_units"]["separation"] == 4.0
+    setup = (model, prompts, sched)
+    cal, _ = _calibrate_on(setup, lambda a: 3 * a, 0.5, units="separations", tol=1e-9)
+    assert cal.target == 2.0 and cal.multiplier == pytest.approx(2 / 3, rel=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal, _ = _calibrate_on(setup, lambda a: 3 * a, 0.5, units="raw", tol=1e-9)
+        assert cal.target == 0.5
+        _calibrate_on(cal_setup, lambda a: 3 * a, 0.5, tol=1e-9)  # no separation: raw, quiet
+    with pytest.warns(DeprecationWarning, match=r"raw readout units because units= was not"):
+        cal, _ = _calibrate_on(setup, lambda a: 3 * a, 0.5, tol=1e-9)
+    assert cal.target == 0.5
+    with pytest.raises(InputError, match="units: expected 'raw' or 'separations'"):
+        calibrate(model, prompts, sched, 0.5, units="sep")
+    with pytest.raises(InputError, match="carries no class separation"):
+        calibrate(model, prompts, cal_setup[2], 0.5, units="separations")
+
+
 def test_calibrate_on_the_real_tiny_model(gpt2_like):
     """No monkeypatch: the calibrated schedule, measured again with full forwards and hooks,
     shifts the readout by the target; and at a small target the uncalibrated least-norm

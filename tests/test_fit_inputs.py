@@ -165,3 +165,23 @@ def test_label_names_from_a_task_and_from_the_argument(tiny):
     ctrl = Controller(sur, "happy")
     assert ctrl.targets[0].separations == 1.0 and "+ = 'happy'" in ctrl.sign_convention
     assert Controller(sur, "sad").targets[0].separations == -1.0
+
+
+def test_summary_says_what_one_target_unit_is(gemma_like):
+    """Brought vectors carry no class means: one "class separation" is then ‖v_L‖ in raw
+    readout units, and the fit says so (issue 34); class-mean fits say what theirs is."""
+    prompts = random_prompts(gemma_like, 8, seed=4)
+    v = 3.0 * torch.ones(gemma_like.cfg.d_model, dtype=torch.float64)
+    sur = Surrogate.fit(gemma_like, prompts, directions=v, d=D)
+    assert sur.brought_directions
+    sep = sur.meta["separation"]["value"]
+    assert sep == pytest.approx(float(v.norm()))
+    assert f"{sep:.4g} raw readout units" in sur.target_unit and "‖v_L‖" in sur.target_unit
+    assert sur.target_unit in sur.summary() and "operating prompts" in sur.summary()
+    from steerlin import Controller
+
+    assert "brought vector's ‖v_L‖" in Controller(sur, 1.0).sign_convention
+    labels = [i % 2 for i in range(8)]
+    fitted = Surrogate.fit(gemma_like, (prompts, labels), d=D)
+    assert not fitted.brought_directions and "label-1 mean minus" in fitted.target_unit
+    assert "brought" not in Controller(fitted, 1.0).sign_convention

@@ -121,7 +121,13 @@ def test_metric_kl_by_name(fitted):
 
 def test_recommend(fitted):
     *_, sur = fitted
-    rec = Controller.recommend(sur, strength=2, sign=-1)
+    rec = Controller.recommend(sur, separations=2, sign=-1)
+    with pytest.warns(DeprecationWarning, match=r"strength=\) is now separations="):
+        old = Controller.recommend(sur, strength=2, sign=-1)
+    assert torch.equal(old.target, rec.target) and Controller.recommend(sur).target > 0
+    assert rec.recommendation["separations"] == 2.0
+    with pytest.raises(InputError, match="separations= only"):
+        Controller.recommend(sur, separations=2, strength=2)
     assert rec.metric.name == "norm"
     assert float(rec.target[0]) == pytest.approx(-2 * sur.meta["separation"]["value"])
     # the layers it names are the largest-gain ones, holding >= 90% of Σu² (u ∝ h)
@@ -133,7 +139,7 @@ def test_recommend(fitted):
     )
     m, *_ = fitted
     ops = fitted[4]
-    cal = Controller.recommend(sur, strength=1, model=m, prompts=_cont(m, ops, 4), n_tokens=4)
+    cal = Controller.recommend(sur, separations=1, model=m, prompts=_cont(m, ops, 4), n_tokens=4)
     assert cal.calibration is not None and cal.recommendation["multiplier"] > 0
     rank = cal.recommendation["layer_ranking"]
     assert (
@@ -145,11 +151,12 @@ def test_recommend(fitted):
     kls = []
     for layer in (rank[0], rank[-1]):
         s = Controller(sur, 1.0).baseline(f"single:{layer}")
-        c = steerlin.calibrate(m, ops, s, 0.05 * sur.meta["separation"]["value"])
+        c = steerlin.calibrate(m, ops, s, 0.05, units="separations")
+        assert c.target == pytest.approx(0.05 * sur.meta["separation"]["value"])
         kls.append(frozen_kl(m, ops, sur, c.schedule.amplitudes))
     assert kls[0] < kls[1]
-    with pytest.raises(InputError, match="strength"):
-        Controller.recommend(sur, strength=-1)
+    with pytest.raises(InputError, match="separations"):
+        Controller.recommend(sur, separations=-1)
 
 
 @pytest.mark.parametrize("positions", ["last", "generated", "all"])
@@ -157,7 +164,11 @@ def test_calibrate_then_apply_uses_the_calibration(fitted, positions):
     m, concept, labels, dirs, ops, sur = fitted
     ctrl = Controller(sur, 0.5)
     cont = _cont(m, ops, 4)
-    cal = ctrl.calibrate(m, cont, positions=positions, n_tokens=4)
+    if positions == "last":  # its old name for the generation regime (one release)
+        with pytest.warns(DeprecationWarning, match="positions='generated'"):
+            cal = ctrl.calibrate(m, cont, positions=positions, n_tokens=4)
+    else:
+        cal = ctrl.calibrate(m, cont, positions=positions, n_tokens=4)
     assert cal is ctrl  # in place: a discarded result still calibrates (`apply` below)
     assert cal.calibration.positions == ("all" if positions == "all" else "generated")
     rd = make_readout(m, "concept", dirs.unit[-1])

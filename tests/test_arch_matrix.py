@@ -24,9 +24,11 @@ TransformerLens's block to 1e-12, capture the unpadded forward to 1e-10; the cen
 difference at eps = 1e-4 carries O(eps^2) ~1e-8 truncation (1e-5 allowed). On TransformerLens
 4 the Hugging Face modules compute their RMSNorms and TL4 its attention softmax in float32
 (~1e-7 relative per block, tests/test_bridge.py): capture 1e-6, the full-order fit 1e-6 (the
-same float32 blocks in another order), and the scan at eps = 1e-2, whose O(eps^2) truncation
-(~1e-4) then dominates the ~1e-7 / 1e-2 rounding: 2e-3 allowed. A wrong mask, position or
-soft-cap gives errors of order one.
+same float32 blocks in another order), and the scan at eps = 1e-3, where the float32 rounding
+divided by the step (~1e-7 / 1e-3) meets the O(eps^2) truncation (the tiny Phi-3's first block
+is the most curved: 4e-2 off at eps = 1e-2, 5e-4 at 1e-3, on both lines): 2e-3 allowed. A
+wrong mask, position or soft-cap gives errors of order one (a missing Gemma-2 score soft-cap
+moves the logits by 4e-3 relative, the final one by 1.4e-2).
 
 Each passing check is recorded; with STEERLIN_MATRIX_DIR (or STEERLIN_REF_DIR) set, the
 results are written to arch_matrix_tl{3,4}.json there for scripts/support_table.py.
@@ -58,7 +60,7 @@ TOL = {
     "scan": 2e-3 if TL4 else 1e-5,
     "fit": 1e-6 if TL4 else 1e-9,
 }
-EPS = 1e-2 if TL4 else 1e-4
+EPS = 1e-3 if TL4 else 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:POD basis. Krylov breakdown:UserWarning")
 
 #: family -> check -> "ok" or the refusal / fallback message (written at the module's end)
@@ -156,6 +158,11 @@ def test_support(family):
         want = hf_model(arch)(toks).logits
         got = model(toks)
     assert _rel(got, want) < TOL["hf"], f"{arch}: {_rel(got, want):.3g}"
+    # the backend's readout (final norm, unembedding, logit soft-cap) from the final state
+    x_L = capture(model, [toks[0].tolist()]).states[0, -1]
+    with torch.no_grad():
+        head = backend.get(model).logits(model, x_L, None)
+    assert _rel(head, got[0, -1]) < TOL["capture"], f"{arch}: {_rel(head, got[0, -1]):.3g}"
     _record(arch, "support")
 
 
@@ -168,14 +175,16 @@ def test_capture_equals_an_unpadded_forward(family):
     names = state_hook_names(model.cfg.n_layers)
     engine = backend.get(model)
     for i, p in enumerate(_OPS):
-        seen = {}
+        seen: dict[int, torch.Tensor] = {}
 
-        def keep(t, hook):
-            seen[hook.name] = t[0, -1]
+        def keep(j: int):
+            return lambda t, hook: seen.__setitem__(j, t[0, -1])
 
         with torch.no_grad():
-            engine.run_with_hooks(model, torch.tensor([p]), [(n, keep) for n in names])
-        want = torch.stack([seen[n] for n in names])
+            engine.run_with_hooks(
+                model, torch.tensor([p]), [(n, keep(j)) for j, n in enumerate(names)]
+            )
+        want = torch.stack([seen[j] for j in range(len(names))])
         assert _rel(got[i], want) < TOL["capture"], (arch, i, _rel(got[i], want))
     _record(arch, "capture")
 
@@ -252,8 +261,6 @@ def test_a_schedule_generates_the_same_tokens_with_and_without_the_cache(family,
     engine = backend.get(model)
     n_new = 5
     for text in ("the movie was very", "good plot and"):
-        with sched.apply(model):
-            cached = engine.generate_tokens(model, [text], max_new_tokens=n_new)[0]
         toks = model.to_tokens(text)
         p = toks.shape[1]
         hooks = sched.hooks(model, positions=("from", p - 1))
@@ -261,7 +268,11 @@ def test_a_schedule_generates_the_same_tokens_with_and_without_the_cache(family,
             for _ in range(n_new):
                 logits = engine.run_with_hooks(model, toks, hooks)
                 toks = torch.cat([toks, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert cached.tolist() == toks[0].tolist(), (arch, text)
+        # the K/V cache: every policy that steers the last prompt token and what follows
+        for positions in ("last", "generated", ("from", p - 1)):
+            with sched.apply(model, positions=positions):
+                cached = engine.generate_tokens(model, [text], max_new_tokens=n_new)[0]
+            assert cached.tolist() == toks[0].tolist(), (arch, text, positions)
         with torch.no_grad():
             clean = model(toks)[0, p - 1 :]
             steered = engine.run_with_hooks(model, toks, hooks)[0, p - 1 :]

@@ -201,27 +201,26 @@ def test_count_hooks_counts_a_hook_once_and_hooks_leave_on_errors(arch_model):
 
 @bridge_only
 def test_unsupported_architecture_is_named():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import PhiConfig, PhiForCausalLM
 
     from steerlin import check_model
     from steerlin.backend.bridge import UnsupportedArchitectureError
     from steerlin.loading.bridge import boot
 
-    cfg = Qwen2Config(
+    cfg = PhiConfig(
         vocab_size=97,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        architectures=["Qwen2ForCausalLM"],
+        architectures=["PhiForCausalLM"],
     )
     model = boot(
-        Qwen2ForCausalLM(cfg).eval(), tokenizer_for("gpt2"), "tiny-qwen2", "cpu", torch.float32
+        PhiForCausalLM(cfg).eval(), tokenizer_for("gpt2"), "tiny-phi", "cpu", torch.float32
     )
-    with pytest.raises(UnsupportedArchitectureError, match="Qwen2ForCausalLM"):
+    with pytest.raises(UnsupportedArchitectureError, match="PhiForCausalLM.*TransformerLens 3"):
         check_model(model)
-    with pytest.raises(UnsupportedArchitectureError, match="Qwen2ForCausalLM"):
+    with pytest.raises(UnsupportedArchitectureError, match="PhiForCausalLM"):
         capture(model, [[1, 2, 3]])
 
 

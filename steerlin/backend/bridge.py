@@ -43,9 +43,22 @@ class UnsupportedArchitectureError(SteerlinError, NotImplementedError):
     """steerlin's bridge backend does not (yet) drive this Hugging Face architecture."""
 
 
-#: Hugging Face architectures the bridge backend is tested on (tests/test_bridge.py): the frozen
-#: block map, hooks, logits and cached generation agree with the TransformerLens 3 backend.
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Gemma3ForCausalLM")
+#: Hugging Face architectures the bridge backend is verified on: the frozen block map, hooks,
+#: logits and cached generation agree with the TransformerLens 3 backend (GPT-2, Llama, Gemma-3:
+#: tests/test_bridge.py) and with ground truth on a tiny random model of each family
+#: (tests/test_arch_matrix.py, docs/support.md). Any other architecture is refused by name.
+SUPPORTED_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "Gemma3ForCausalLM",
+    "GPTNeoXForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Olmo2ForCausalLM",
+    "Gemma2ForCausalLM",
+)
 
 #: transformers release whose renamed per-layer cache argument TransformerLens 4.3 does not
 #: read: cached generation then silently differs from uncached (see `check_generation`).
@@ -68,9 +81,10 @@ def check_architecture(model: TransformerBridge) -> None:
     arch = architecture(model)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"model: steerlin's TransformerBridge backend does not support the {arch} "
-            f"architecture (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); with "
-            "TransformerLens 3 a HookedTransformer of it may work"
+            f"model: steerlin's TransformerBridge backend (TransformerLens 4) is not verified on "
+            f"the {arch} architecture (verified: {', '.join(SUPPORTED_ARCHITECTURES)}); with "
+            "TransformerLens 3 (pip install 'steerlin[tl3]') steerlin drives a HookedTransformer "
+            f"of it if TransformerLens 3 converts {arch}"
         )
 
 
@@ -414,14 +428,16 @@ class BridgeBackend(Backend):
     @contextmanager
     def position_probe(self, model: TransformerBridge, layers: Sequence[int], record):
         """Forward pre-hooks on the blocks: the Hugging Face cache each block receives
-        (keyword `past_key_values`, or positional for GPT-2) holds the positions cached so far;
-        a forward without a cache reports None."""
+        (keyword `past_key_values`, `layer_past` for GPT-NeoX, or positional for GPT-2) holds
+        the positions cached so far; a forward without a cache reports None."""
 
         def make(layer: int):
             def pre_hook(module, args, kwargs):
                 cache = kwargs.get("past_key_values")
                 if cache is None:
-                    cache = next((a for a in args[1:] if _is_cache(a)), None)
+                    found = [v for v in kwargs.values() if _is_cache(v)]
+                    found += [a for a in args[1:] if _is_cache(a)]
+                    cache = found[0] if found else None
                 if cache is None or not kwargs.get("use_cache", True):
                     record(layer, None)
                 else:

@@ -19,6 +19,7 @@ calibration are `steerlin.measure`'s; this module holds the continuations and th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,33 @@ class Continuations:
         )
 
 
+class LearnedPositionsWarning(UserWarning):
+    """steerlin generated through TransformerLens 3's cached `generate` on a model with learned
+    absolute positions (GPT-2 class), whose new tokens get the wrong position there."""
+
+
+def warn_if_tl3_learned_positions(model, what: str = "generate") -> bool:
+    """Warn (once per call site) when `what` generates text through TransformerLens 3's KV-cached
+    `generate` on a learned-position model: TL 3.x embeds each new token at position 2(T-1)
+    instead of T-1 (tests/test_regime.py::test_tl3_cached_generate_position_bug), so the
+    continuations, and a calibration measured along them, are not the model's own. Rotary
+    models and TransformerLens 4 are unaffected. Returns whether it warned."""
+    if backend.get(model).name != "hooked":
+        return False
+    if getattr(model.cfg, "positional_embedding_type", None) != "standard":
+        return False
+    warnings.warn(
+        f"{what}: {model.cfg.model_name!r} has learned absolute positions, and TransformerLens "
+        "3's cached generate embeds each new token at the wrong position (2(T-1) instead of "
+        "T-1), so these greedy continuations (and a generation-regime calibration along them) "
+        "are not the model's own. Use TransformerLens 4 (steerlin[tl4]), a rotary model, or "
+        "calibrate with positions='last' (full forwards, unaffected)",
+        LearnedPositionsWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def generate(
     model,
     prompts: Sequence[str],
@@ -85,6 +113,7 @@ def generate(
         raise InputError("generate: the model has no tokenizer")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, min=1)
     prompts = check_text_prompts("prompts", prompts, model, extra_tokens=max_new_tokens)
+    warn_if_tl3_learned_positions(model, "steerlin.regime.generate")
     ctx = schedule.apply(model, positions=positions) if schedule is not None else nullcontext()
     with ctx, torch.no_grad():
         out = backend.get(model).generate_tokens(model, prompts, max_new_tokens=int(max_new_tokens))
@@ -133,6 +162,8 @@ def position_masks(positions: str, plen, tlen, T: int, n_meas: int):
 
 __all__ = [
     "POLICIES",
+    "LearnedPositionsWarning",
+    "warn_if_tl3_learned_positions",
     "Continuations",
     "generate",
     "check_policy",

@@ -170,3 +170,32 @@ def test_calibrate_in_the_regime_hits_target(gemma_like, positions):
         shifts.append(rd(gemma_like, x1) - rd(gemma_like, x0))
     measured = float(torch.cat(shifts).mean())
     assert measured == pytest.approx(target, rel=1.1e-2)
+
+
+def test_learned_positions_warning_under_tl3_generate():
+    """steerlin generating (or calibrating in the generation regime) through TransformerLens 3's
+    cached generate on a learned-position model warns at run time; rotary models and
+    TransformerLens 4 do not (issue 34)."""
+    import warnings
+
+    from _wordtok import NEG, POS, with_tokenizer
+    from conftest import make_gemma_like, make_gpt2_like
+
+    from steerlin.regime import LearnedPositionsWarning, generate
+
+    gpt2 = with_tokenizer(make_gpt2_like(seed=5))
+    gemma = with_tokenizer(make_gemma_like(seed=5))
+    if TL4:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LearnedPositionsWarning)
+            generate(gpt2, POS[:2], 2)
+        return
+    with pytest.warns(LearnedPositionsWarning, match="learned absolute positions"):
+        generate(gpt2, POS[:2], 2)
+    sur = Surrogate.fit(gpt2, (POS + NEG, [1] * 10 + [0] * 10), d=2)
+    with pytest.warns(LearnedPositionsWarning, match="wrong position"):
+        Controller(sur, 0.5).calibrate(gpt2, NEG[:2], n_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LearnedPositionsWarning)
+        generate(gemma, POS[:2], 2)  # rotary: no warning
+        Controller(sur, 0.5).calibrate(gpt2, _cont(gpt2, [[1, 5, 6]], 2))  # no generation here

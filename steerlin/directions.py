@@ -106,13 +106,17 @@ class ConceptDirections:
         *,
         label_names: Sequence[str] | None = None,
         batch_size: int = 16,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> ConceptDirections:
         """Fit directions on labelled prompts (or on an already captured Trajectory).
 
         label_names: (name of label 0, name of label 1), e.g. a task's class_names; stored
         and printed with targets ("+" is label 1).
+        progress: a capture progress bar; None (default): when stderr is a terminal and there
+        are more than 48 prompts.
         """
+        from .fit_inputs import auto_progress
+
         check_model(model)
         batch_size = check_int("batch_size", batch_size, min=1)
         if label_names is not None and (
@@ -131,6 +135,7 @@ class ConceptDirections:
             if not isinstance(prompts, torch.Tensor) and len(prompts) == 0:
                 raise InputError("prompts: expected at least one prompt, got an empty list")
             check_labels(labels, len(prompts))
+            progress = auto_progress(progress, prompts)
             traj = capture(model, prompts, batch_size=batch_size, progress=progress)
         y = check_labels(labels, len(traj))
         meta = model_meta(model)

@@ -143,4 +143,46 @@ def resolve_inputs(
     return FitInputs(prompts, None, None, "prompts (directions given)")
 
 
-__all__ = ["FitInputs", "resolve_inputs", "split_labelled"]
+#: fits over more prompts than this show progress bars by default (where stderr is a terminal)
+PROGRESS_MIN_PROMPTS = 48
+
+
+def count_prompts(prompts) -> int | None:
+    """How many prompts a fit will forward (concept + operating), without splitting anything;
+    None when it cannot tell."""
+    from .data import LabelledPrompts, Splits, Task
+
+    try:
+        if isinstance(prompts, Task):
+            n_c, n_o, _ = prompts.default_counts()
+            return 2 * (n_c + n_o)
+        if isinstance(prompts, Splits):
+            return len(prompts.concept) + len(prompts.operating)
+        if isinstance(prompts, LabelledPrompts):
+            return len(prompts)
+        if isinstance(prompts, tuple) and len(prompts) == 2 and _is_prompt_list(prompts[0]):
+            return len(prompts[0])
+        return len(prompts)
+    except (TypeError, InputError):
+        return None
+
+
+def auto_progress(progress, prompts) -> bool:
+    """`progress=None` (the default of the fits): progress bars when stderr is a terminal and
+    the fit forwards more than `PROGRESS_MIN_PROMPTS` prompts; True/False as given."""
+    import sys
+
+    if progress is not None:
+        return progress
+    n = count_prompts(prompts)
+    return bool(n is not None and n > PROGRESS_MIN_PROMPTS and sys.stderr.isatty())
+
+
+__all__ = [
+    "FitInputs",
+    "PROGRESS_MIN_PROMPTS",
+    "auto_progress",
+    "count_prompts",
+    "resolve_inputs",
+    "split_labelled",
+]

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from .backend import Model, check_model
 from .directions import ConceptDirections
 from .errors import FileFormatError, InputError, ShapeError
-from .fit_inputs import resolve_inputs
+from .fit_inputs import auto_progress, resolve_inputs
 from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
 from .identify import fit_core, identity_reduce, observability_grams
 from .io import (
@@ -164,7 +164,7 @@ class Surrogate:
         concept_fraction: float = 0.5,
         batch_size: int = 16,
         seed: int = 0,
-        progress: bool = False,
+        progress: bool | None = None,
         distributed: bool = False,
         engine: str = "auto",
         context_memory: int = DEFAULT_CONTEXT_MEMORY,
@@ -215,6 +215,8 @@ class Surrogate:
                 `LabelledPrompts` or `(prompts, labels)` and `directions` is None.
             batch_size: prompts per JVP batch.
             seed: for the concept/operating split, random basis columns (and breakdown fill).
+            progress: progress bars on stderr (capture, the layer sweep); None (default): on
+                when stderr is a terminal and the fit forwards more than 48 prompts.
             distributed: shard prompts over an initialised torch.distributed group and
                 all-reduce the statistics (see `steerlin.distributed`).
             engine: frozen-context engine for the JVPs/VJPs, "auto" (default: the fast
@@ -232,6 +234,7 @@ class Surrogate:
         `exact_gains` and friends.
         """
         d = check_int("d", d)
+        progress = auto_progress(progress, prompts)
         options = {k: v for k, v in locals().items() if k not in ("cls", "d")}
         return cls._fit_many(orders=[d], **options)[d]  # one signature, checked there
 
@@ -255,6 +258,7 @@ class Surrogate:
         orders = sorted({check_int("orders", o) for o in orders})
         if not orders:
             raise InputError("orders: expected at least one reduced order d")
+        kwargs["progress"] = auto_progress(kwargs.get("progress"), prompts)
         if kwargs.get("basis", DEFAULT_BASIS) == "pod":
             return {o: cls.fit(model, prompts, directions, d=o, **kwargs) for o in orders}
         return cls._fit_many(model, prompts, directions, orders=orders, **kwargs)

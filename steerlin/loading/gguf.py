@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import importlib
 import importlib.util
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,9 +54,30 @@ _OFFLINE = {
 }
 
 
-def _hf_from_gguf(spec: _OfflineModel) -> tuple[Any, Any]:
+def conversion_bar(spec: _OfflineModel, total: int):
+    """A tqdm bar over the one-time conversion's stages (on stderr; off when it is not a
+    terminal, where the start and end lines `_say` prints are what a log gets)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"steerlin: {spec.title} one-time conversion",
+        unit="step",
+        disable=not sys.stderr.isatty(),
+        leave=False,
+    )
+
+
+def _stage(bar, what: str) -> None:
+    if bar is not None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update(1)
+
+
+def _hf_from_gguf(spec: _OfflineModel, bar=None) -> tuple[Any, Any]:
     """The shipped GGUF dequantised to an fp32 Hugging Face model and its tokenizer (CPU)."""
     gguf_path = _gemma_gguf(spec) if spec is _GEMMA else _smollm2_gguf(spec)
+    _stage(bar, "GGUF assembled; dequantising to fp32")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
@@ -70,11 +92,20 @@ def _hf_from_gguf(spec: _OfflineModel) -> tuple[Any, Any]:
 
 def _convert(spec: _OfflineModel) -> HookedTransformer:
     """Dequantise the shipped GGUF to fp32 and convert it with TransformerLens 3 (CPU, once)."""
-    from transformer_lens import HookedTransformer
 
     _say(f"converting {spec.title} GGUF to fp32 (one-time, {spec.eta})...")
     start = time.perf_counter()
-    hf_model, tokenizer = _hf_from_gguf(spec)
+    with conversion_bar(spec, 4) as bar:
+        model = _convert_steps(spec, bar)
+    _say(f"converted {spec.title} in {time.perf_counter() - start:.0f} s")
+    return model
+
+
+def _convert_steps(spec: _OfflineModel, bar) -> HookedTransformer:
+    from transformer_lens import HookedTransformer
+
+    hf_model, tokenizer = _hf_from_gguf(spec, bar)
+    _stage(bar, "dequantised; converting to TransformerLens")
     with _quiet_tl():
         if spec is _GEMMA:
             model = HookedTransformer.from_pretrained(
@@ -88,8 +119,9 @@ def _convert(spec: _OfflineModel) -> HookedTransformer:
             model = _llama_to_tl(hf_model, tokenizer, spec)
     del hf_model
     gc.collect()
+    _stage(bar, "converted; checking its next-token predictions")
     _sanity_check(model, spec)
-    _say(f"converted {spec.title} in {time.perf_counter() - start:.0f} s")
+    _stage(bar, "done")
     return model
 
 

@@ -348,16 +348,20 @@ def child(args) -> None:
     if args.profile_fit:  # a second fit under cProfile: where its time goes
         out["fit_profile"] = profiled(lambda: Surrogate.fit(model, operating, directions=dirs, d=d))
     stage(model, "scan", lambda: scan_gains(model, operating, dirs), st, chain=n * L * (L + 1))
+    out["fit_meta"] = {k: v for k, v in sur.meta.items() if isinstance(v, (int, float, str))}
+    out["workload"] = workload(args)
+    if args.child_threads > 1 and not args.child_all_stages:  # directions, exact, fit, scan
+        out["stages"] = st
+        C.child_result(out)
+        return
     ctrl = stage(model, "calibrate", lambda: Controller(sur, 1.0).calibrate(model, stems), st)
     out["calibrated_multiplier"] = float(ctrl.calibration.multiplier)
-    out["fit_meta"] = {k: v for k, v in sur.meta.items() if isinstance(v, (int, float, str))}
     gc.collect()
     with C.RssSampler() as rss:
         gen = generation(model, ctrl, stems, args.gen_tokens, args.gen_reps)
     gen.update(rss.reading())
     out["stages"], out["generate"] = st, gen
     out["search"] = search_cost(L, args.stems, args.stem_tokens, args.gen_tokens, gen)
-    out["workload"] = workload(args)
     C.child_result(out)
 
 
@@ -407,6 +411,12 @@ def main() -> None:
     p.add_argument("--child-shape", help=C.HIDDEN)
     p.add_argument("--child-dtype", help=C.HIDDEN)
     p.add_argument("--child-threads", type=int, default=1, help=C.HIDDEN)
+    p.add_argument("--child-all-stages", action="store_true", help=C.HIDDEN)
+    p.add_argument(
+        "--two-threads-all",
+        action="store_true",
+        help="2-thread runs measure every stage (default: directions, exact, fit, scan)",
+    )
     args = p.parse_args()
     if args.quick:
         args.n = args.n or 8
@@ -428,6 +438,7 @@ def main() -> None:
                      args.stems, "--stem-tokens", args.stem_tokens, "--gen-tokens",
                      args.gen_tokens, "--gen-reps", args.gen_reps]  # fmt: skip
             flags += ["--profile-fit"] if args.profile_fit else []
+            flags += ["--child-all-stages"] if args.two_threads_all else []
             try:
                 res, wall = C.run_child(__file__, flags, f"{shape} {dtype} {threads}t")
             except SystemExit as exc:  # one failed run does not stop the others

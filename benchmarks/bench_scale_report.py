@@ -75,6 +75,23 @@ def size_row(r: dict) -> dict:
     }
 
 
+def threads_pairs(runs: list[dict]) -> list[dict]:
+    """1- vs 2-thread wall (CPU) seconds of the core stages, same shape and dtype."""
+    out = []
+    for r2 in (r for r in runs if r["threads"] == 2):
+        r1 = next((r for r in runs if r["threads"] == 1 and r["shape"] == r2["shape"]
+                   and r["dtype"] == r2["dtype"]), None)  # fmt: skip
+        if r1 is None:
+            continue
+        row = {"shape": r2["shape"], "dtype": r2["dtype"], "load_2t": r2["loadavg_start"][0]}
+        for k in STAGES[:4]:
+            a, b = r1["stages"][k], r2["stages"][k]
+            row[k] = (f"{a['wall_s']:.1f} → {b['wall_s']:.1f} s ({a['cpu_s']:.1f} → "
+                      f"{b['cpu_s']:.1f}): {a['wall_s'] / b['wall_s']:.2f}x")  # fmt: skip
+        out.append(row)
+    return out
+
+
 def lstsq_loglog(xs: list[float], ys: list[float]) -> dict:
     """log y = a + b log x by least squares; residuals as y / fitted."""
     import numpy as np
@@ -229,7 +246,7 @@ def report(quick: bool = False) -> dict:
     if not runs:
         print("no scale_*.json results yet")
         return {}
-    rows = [size_row(r) for r in runs]
+    rows = [size_row(r) for r in runs if r["threads"] == 1]
     rows.sort(key=lambda r: (r["threads"], r["dtype"] != "float32", r["params_M"]))
     models = cost_models(rows)
     workload = runs[0]["workload"]
@@ -297,31 +314,12 @@ def report(quick: bool = False) -> dict:
             ],
         )
     )
-    two = [r for r in rows if r["threads"] == 2]
-    if two:
+    pairs = threads_pairs(runs)
+    if pairs:
         print()
-        pairs = []
-        for r2 in two:
-            r1 = next(
-                (r for r in one if r["shape"] == r2["shape"] and r["dtype"] == r2["dtype"]), None
-            )
-            if r1:
-                pairs.append(
-                    {
-                        "shape": r2["shape"],
-                        **{
-                            f"{k}": f"{r1[f'{k}_wall_s']:.1f} → {r2[f'{k}_wall_s']:.1f} s"
-                            for k in STAGES
-                        },
-                    }
-                )
-        print(
-            md(
-                pairs,
-                [("shape", "shape (float32), wall 1 → 2 threads", "")]
-                + [(k, k, "") for k in STAGES],
-            )
-        )
+        cols = [("shape", "shape (float32)", "")]
+        cols += [(k, f"{k}: 1 → 2 threads, wall (CPU)", "") for k in STAGES[:4]]
+        print(md(pairs, cols))
     print("\ncost model: CPU s = k (compute params x token-forwards)^b")
     for key, m in models.items():
         print(
@@ -331,7 +329,13 @@ def report(quick: bool = False) -> dict:
     print("\nLlama-3.1-8B:", json.dumps(ext, indent=1))
     path = plot(rows, models)
     print(f"\nplot: {path}")
-    summary = {"workload": workload, "rows": rows, "cost_models": models, "llama_3_1_8b": ext}
+    summary = {
+        "workload": workload,
+        "rows": rows,
+        "threads": pairs,
+        "cost_models": models,
+        "llama_3_1_8b": ext,
+    }
     out = C.RESULTS / f"scale_summary{'_quick' if quick else ''}.json"
     from steerlin.report import jsonable
 

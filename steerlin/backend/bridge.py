@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
-from ..errors import ModelLoadError, SteerlinError
+from ..errors import SteerlinError
 from . import Backend, KVContext
 from .common import block_pre_hooks, context_mask, greedy_generate
 
@@ -60,9 +60,11 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma2ForCausalLM",
 )
 
-#: transformers release whose renamed per-layer cache argument TransformerLens 4.3 does not
-#: read: cached generation then silently differs from uncached (see `check_generation`).
-_BROKEN_CACHE_TRANSFORMERS = (5, 24)
+#: transformers release from which decoder layers hand their attention the K/V cache as `cache=`
+#: (before: `past_key_values=`); TransformerLens 4.3's attention bridges read only the old
+#: names, so the cache stays empty and cached generation silently ignores the prompt unless the
+#: cache is also passed under the old name (`cache_alias`).
+_CACHE_RENAMED = (5, 24)
 
 _LAYOUT_SLOTS = 8  # sequence lengths whose block arguments are kept per model
 
@@ -96,20 +98,33 @@ def _transformers_version() -> tuple[int, int]:
         return (0, 0)
 
 
-def check_generation() -> None:
-    """ModelLoadError if the installed transformers breaks TransformerLens 4's cached generation.
+@contextmanager
+def cache_alias(model: TransformerBridge):
+    """While open, each attention bridge of `model` also receives the Hugging Face cache under
+    the name TransformerLens 4.3 reads (`past_key_values`) when transformers >= 5.24 passes it
+    as `cache` (forward pre-hooks, removed on exit and on any exception; a no-op before 5.24).
+    Without it TransformerLens 4.3's cached generation computes every new token without the
+    prompt. steerlin's generation and every steering context (`position_probe`) open it."""
+    if _transformers_version() < _CACHE_RENAMED:
+        yield
+        return
 
-    transformers 5.24 renamed the per-layer cache argument; TransformerLens 4.3's attention
-    bridges still read the old name, so the cache stays empty and every generated token is
-    computed without the prompt: a wrong answer, not an error. steerlin refuses instead.
-    """
-    if _transformers_version() >= _BROKEN_CACHE_TRANSFORMERS:
-        raise ModelLoadError(
-            f"generate: transformers {version('transformers')} breaks TransformerLens "
-            f"{version('transformer-lens')}'s cached generation (it silently ignores the "
-            "prompt); install the pinned versions: pip install 'steerlin[tl4]' "
-            "(transformers<5.24)"
-        )
+    def pre_hook(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if cache is None or kwargs.get("past_key_values") is not None:
+            return None
+        return args, {**kwargs, "past_key_values": cache}
+
+    handles = []
+    try:
+        for blk in model.blocks:
+            attn = getattr(blk, "attn", None)
+            if attn is not None:
+                handles.append(attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- block arguments
@@ -445,23 +460,22 @@ class BridgeBackend(Backend):
 
             return pre_hook
 
-        with block_pre_hooks(model, layers, make):
+        with cache_alias(model), block_pre_hooks(model, layers, make):
             yield
 
     def generate(
         self, model: TransformerBridge, prompts: Sequence[str], *, max_new_tokens: int
     ) -> list[str]:
-        check_generation()
         if _pads_in_float64(model, prompts):
             return [
                 t for p in prompts for t in self.generate(model, [p], max_new_tokens=max_new_tokens)
             ]
-        return greedy_generate(model, prompts, max_new_tokens, tokens=False)
+        with cache_alias(model):
+            return greedy_generate(model, prompts, max_new_tokens, tokens=False)
 
     def generate_tokens(
         self, model: TransformerBridge, prompts: Sequence[str], *, max_new_tokens: int
     ) -> torch.Tensor:
-        check_generation()
         if _pads_in_float64(model, prompts):
             rows = [
                 self.generate_tokens(model, [p], max_new_tokens=max_new_tokens)[0] for p in prompts
@@ -469,7 +483,8 @@ class BridgeBackend(Backend):
             width = max(len(r) for r in rows)
             pad = model.tokenizer.pad_token_id or 0
             return torch.stack([torch.cat([r.new_full((width - len(r),), pad), r]) for r in rows])
-        return greedy_generate(model, prompts, max_new_tokens, tokens=True)
+        with cache_alias(model):
+            return greedy_generate(model, prompts, max_new_tokens, tokens=True)
 
 
 def _rows_matmul(h, weight, bias, rows, chunk: int = 32768) -> torch.Tensor:
@@ -510,6 +525,6 @@ __all__ = [
     "TransformerBridge",
     "UnsupportedArchitectureError",
     "architecture",
+    "cache_alias",
     "check_architecture",
-    "check_generation",
 ]

@@ -297,3 +297,24 @@ def test_save_load_round_trip(family, dirs, tmp_path):
         b = engine.run_with_hooks(model, toks, again.hooks(model))
     assert torch.equal(a, b)
     _record(arch, "save_load")
+
+
+def test_support_table_marks_only_complete_families():
+    """scripts/support_table.py: ✓ only when every check passed; a refusal or a missing check
+    (a failed test) shows as such, never as ✓."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "support_table.py"
+    spec = importlib.util.spec_from_file_location("support_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    every = {check: "ok" for check in table.CHECKS}
+    assert table.cell(every)[0] == "✓"
+    fallback = every | {"fast": "falls back to TransformerLens's block: parallel_attn_mlp (x)"}
+    assert table.cell(fallback)[0] == "✓" and "parallel_attn_mlp" in table.cell(fallback)[1]
+    assert table.fast_cell(fallback) == "TL's block (parallel_attn_mlp)"
+    no_gen = {k: v for k, v in every.items() if k != "generate"}
+    assert table.cell(no_gen)[0] == "✗ failed: generate"
+    refused = {"support": "model: ... PhiForCausalLM ... TransformerLens 3"}
+    assert table.cell(refused) == ("✗ refused", refused["support"])
+    assert table.cell({})[0].startswith("✗")

@@ -8,7 +8,7 @@ two-sided/observable bases, the observability statistic from VJPs. Equations: `S
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -134,71 +134,19 @@ def fit_core(
                 ctx.done_with(layer)  # streamed: this block's K/V are not needed again
             Ys.append(Y)
             sum_Y += Y.sum(0)
-        gram = None
-        if basis == "pod":
-            # propagated responses to every injection so far plus the new one (unit_l), each
-            # injection layer weighted to unit mean-square norm over all prompts
-            resps = [
-                torch.einsum("bdh,bdk->bkh", Y, torch.cat([R[i], _e1(len(Y), d, f64)], dim=2))
-                for i, Y in enumerate(Ys)
-            ]  # [b, l+1, H]
-            sq = reduce(sum(r.pow(2).sum(-1).sum(0) for r in resps)) / n
-            w = sq.clamp_min(1e-300).rsqrt()
-            gram = torch.zeros(H, H, dtype=f64)
-            for r in resps:
-                rw = r * w[None, :, None]
-                gram += torch.einsum("bkh,bkg->hg", rw, rw)
-            del resps
+        gram = _pod_gram(Ys, R, d, H, n, reduce) if basis == "pod" else None
         sum_Y = reduce(sum_Y)
         mean_Y = sum_Y / n  # [d, H]
-        what = f"basis P_{layer + 1}"
-        if basis == "krylov":
-            nxt = linalg.anchored_orth(unit[layer + 1], mean_Y.T, d, generator=gen, what=what)
-        elif basis == "two-sided":
-            obs, _ = linalg.principal_directions(obs_gram[layer + 1], d)
-            cand = linalg.two_sided_candidates(obs, mean_Y.T)
-            nxt = linalg.anchored_orth(unit[layer + 1], cand, d, generator=gen, what=what)
-        elif basis == "observable":
-            obs, _ = linalg.principal_directions(obs_gram[layer + 1], d)
-            cand = torch.cat([obs, mean_Y.T], dim=1)  # reachable ones only if obs run out
-            nxt = linalg.anchored_orth(unit[layer + 1], cand, d, generator=gen, what=what)
-        elif basis == "pod":
-            nxt = linalg.pod_basis(unit[layer + 1], reduce(gram), d, generator=gen)
-        else:
-            nxt = linalg.random_basis(unit[layer + 1], d, generator=gen)
+        obs = None if obs_gram is None else obs_gram[layer + 1]
+        nxt = _next_basis(basis, layer, unit[layer + 1], mean_Y, obs, gram, d, gen, reduce)
         P.append(nxt)
         A_l = nxt.T @ mean_Y.T  # [d, d] = P_{l+1}^T (mean A_l) P_l
         A_mean.append(A_l)
         B_mean.append(scale[layer] * A_l[:, 0])
-        wc = torch.zeros(d, d, dtype=f64)
-        for i, Y in enumerate(Ys):
-            Ab = torch.einsum("hi,bjh->bij", nxt, Y)  # [b, d, d] per-prompt Abar
-            Ab_all[i].append(Ab)
-            Bb = scale[layer] * Ab[:, :, 0]
-            R[i] = torch.cat([Ab @ R[i], Bb[:, :, None]], dim=2)
-            wc += torch.einsum("bik,bjk->ij", R[i], R[i])
-        Wc.append(reduce(wc) / n)
+        Wc.append(reduce(_propagate(nxt, Ys, R, Ab_all, scale[layer], d)) / n)
         del Ys
 
-    # readout rows: c(p) = P_L^T ∇y(p); concept readout gives e_1 for every prompt
-    sum_c = torch.zeros(d, dtype=f64)
-    sum_grad = torch.zeros(H, dtype=f64)
-    sum_g = torch.zeros(L, dtype=f64)
-    sum_g2 = torch.zeros(L, dtype=f64)
-    Wo = torch.zeros(L + 1, d, d, dtype=f64)
-    for i, ctx in enumerate(contexts):
-        grad = readout.gradient(model, ctx.states[:, -1]).to("cpu", f64)  # [b, H]
-        sum_grad += grad.sum(0)
-        c_p = grad @ P[L]  # [b, d]
-        sum_c += c_p.sum(0)
-        g_p = torch.einsum("bd,bdk->bk", c_p, R[i])  # [b, L]
-        sum_g += g_p.sum(0)
-        sum_g2 += g_p.pow(2).sum(0)
-        w = c_p  # reduced observability recursion w_l = Abar_l(p)^T w_{l+1}
-        Wo[L] += w.T @ w
-        for layer in range(L - 1, -1, -1):
-            w = torch.einsum("bij,bi->bj", Ab_all[i][layer], w)
-            Wo[layer] += w.T @ w
+    sum_c, sum_grad, sum_g, sum_g2, Wo = _readout_sums(model, contexts, readout, P[L], R, Ab_all, L)
     Wo = reduce(Wo) / n
     lower = {}
     for o in sorted({int(o) for o in orders if int(o) < d}):
@@ -237,6 +185,132 @@ def fit_core(
             bad = (~torch.isfinite(out[k])).nonzero().flatten().tolist()
             raise NonFiniteError(f"surrogate: non-finite gains at layers {bad}")
     return out
+
+
+def identify(
+    model: Model,
+    directions: ConceptDirections,
+    readout: Readout,
+    reduce,
+    *,
+    d: int,
+    basis: str,
+    seed: int,
+    progress: bool,
+    orders: Sequence[int],
+    full: Callable[[], Iterable[FrozenContext]],
+    layerwise: Callable[[], list[LayerwiseContext]],
+    held: list[FrozenContext],
+) -> dict[str, Any]:
+    """The identification (`fit_core`) over the prompts' frozen contexts, streamed: `layerwise()`
+    builds each batch block by block (its residual at the current layer and one block's K/V:
+    one forward in all over the layer-major sweep, not every block's K/V). For the two-sided
+    and observable bases a first pass over `full()` (one batch's full context at a time) folds
+    the backward vectors w_l(p) into the observability statistic; the contexts it appends to
+    `held` while it goes are swapped into the sweep (no second forward for them)."""
+    with torch.no_grad():  # JVPs/VJPs via torch.func only; no graph through a user's parameters
+        obs_gram = obs_proj = None
+        if basis in ("two-sided", "observable"):
+            unit = directions.unit.to(torch.float64)
+            obs_gram, obs_proj = observability_grams(model, full(), readout, reduce, unit)
+        contexts = layerwise()
+        for i, ctx in enumerate(held):  # same batching, same order: swap in the held ones
+            if not torch.equal(ctx.index.cpu(), torch.as_tensor(contexts[i].index).cpu()):
+                raise RuntimeError("internal: held contexts do not match the sweep's batches")
+            contexts[i] = ctx
+        return fit_core(
+            model,
+            contexts,
+            directions,
+            readout,
+            int(d),
+            basis,
+            seed,
+            progress,
+            reduce,
+            orders,
+            obs_gram=obs_gram,
+            obs_proj=obs_proj,
+        )
+
+
+def _pod_gram(Ys, R, d: int, H: int, n: int, reduce) -> torch.Tensor:
+    """The "pod" basis's statistic (this process's part): propagated responses to every
+    injection so far plus the new one (unit_l), each injection layer weighted to unit
+    mean-square norm over all prompts."""
+    f64 = torch.float64
+    resps = [
+        torch.einsum("bdh,bdk->bkh", Y, torch.cat([R[i], _e1(len(Y), d, f64)], dim=2))
+        for i, Y in enumerate(Ys)
+    ]  # [b, l+1, H]
+    sq = reduce(sum(r.pow(2).sum(-1).sum(0) for r in resps)) / n
+    w = sq.clamp_min(1e-300).rsqrt()
+    gram = torch.zeros(H, H, dtype=f64)
+    for r in resps:
+        rw = r * w[None, :, None]
+        gram += torch.einsum("bkh,bkg->hg", rw, rw)
+    return gram
+
+
+def _next_basis(basis: str, layer: int, anchor, mean_Y, obs_gram, gram, d: int, gen, reduce):
+    """P_{l+1}: anchored on unit_{l+1} (`anchor`), completed as the basis says from the mean
+    images mean_Y [d, H] (krylov), the observability statistic (two-sided, observable), the
+    pod statistic `gram` (reduced here), or at random."""
+    what = f"basis P_{layer + 1}"
+    if basis == "krylov":
+        return linalg.anchored_orth(anchor, mean_Y.T, d, generator=gen, what=what)
+    if basis == "two-sided":
+        obs, _ = linalg.principal_directions(obs_gram, d)
+        cand = linalg.two_sided_candidates(obs, mean_Y.T)
+        return linalg.anchored_orth(anchor, cand, d, generator=gen, what=what)
+    if basis == "observable":
+        obs, _ = linalg.principal_directions(obs_gram, d)
+        cand = torch.cat([obs, mean_Y.T], dim=1)  # reachable ones only if obs run out
+        return linalg.anchored_orth(anchor, cand, d, generator=gen, what=what)
+    if basis == "pod":
+        return linalg.pod_basis(anchor, reduce(gram), d, generator=gen)
+    return linalg.random_basis(anchor, d, generator=gen)
+
+
+def _propagate(nxt, Ys, R, Ab_all, scale_l, d: int) -> torch.Tensor:
+    """Per prompt: Abar_l = P_{l+1}^T A_l(p) P_l (kept in `Ab_all`), the reduced responses R
+    carried one layer on plus the new injection's; returns this process's part of the
+    controllability increment Σ_p R Rᵀ."""
+    wc = torch.zeros(d, d, dtype=torch.float64)
+    for i, Y in enumerate(Ys):
+        Ab = torch.einsum("hi,bjh->bij", nxt, Y)  # [b, d, d] per-prompt Abar
+        Ab_all[i].append(Ab)
+        Bb = scale_l * Ab[:, :, 0]
+        R[i] = torch.cat([Ab @ R[i], Bb[:, :, None]], dim=2)
+        wc += torch.einsum("bik,bjk->ij", R[i], R[i])
+    return wc
+
+
+def _readout_sums(model, contexts, readout, P_L, R, Ab_all, L: int) -> tuple:
+    """This process's sums over prompts of the readout rows c(p) = P_Lᵀ ∇y(p) (the concept
+    readout gives e_1 for every prompt), ∇y, the per-prompt gains g(p) and g(p)², and the
+    reduced observability Gram Σ w_l w_lᵀ (w_l = Abar_l(p)ᵀ w_{l+1}, w_L = c(p))."""
+    f64 = torch.float64
+    H, d = P_L.shape
+    sum_c = torch.zeros(d, dtype=f64)
+    sum_grad = torch.zeros(H, dtype=f64)
+    sum_g = torch.zeros(L, dtype=f64)
+    sum_g2 = torch.zeros(L, dtype=f64)
+    Wo = torch.zeros(L + 1, d, d, dtype=f64)
+    for i, ctx in enumerate(contexts):
+        grad = readout.gradient(model, ctx.states[:, -1]).to("cpu", f64)  # [b, H]
+        sum_grad += grad.sum(0)
+        c_p = grad @ P_L  # [b, d]
+        sum_c += c_p.sum(0)
+        g_p = torch.einsum("bd,bdk->bk", c_p, R[i])  # [b, L]
+        sum_g += g_p.sum(0)
+        sum_g2 += g_p.pow(2).sum(0)
+        w = c_p  # reduced observability recursion w_l = Abar_l(p)^T w_{l+1}
+        Wo[L] += w.T @ w
+        for layer in range(L - 1, -1, -1):
+            w = torch.einsum("bij,bi->bj", Ab_all[i][layer], w)
+            Wo[layer] += w.T @ w
+    return sum_c, sum_grad, sum_g, sum_g2, Wo
 
 
 def _truncated(contexts, readout, model, P, Ab_all, scale, o: int, n: int, reduce):
@@ -366,6 +440,7 @@ def _e1(b: int, d: int, dtype) -> torch.Tensor:
 __all__ = [
     "adjoint_captured",
     "fit_core",
+    "identify",
     "identity_reduce",
     "observability_grams",
     "state_gradients",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,9 +12,10 @@ from jaxtyping import Float
 from .backend import Model, check_model
 from .directions import ConceptDirections
 from .errors import FileFormatError, InputError, ShapeError
+from .fit_checks import check_fit_args
 from .fit_inputs import auto_progress, resolve_inputs
 from .frozen import FrozenContext, context_nbytes, iter_contexts, layerwise_contexts
-from .identify import fit_core, identity_reduce, observability_grams
+from .identify import identify, identity_reduce
 from .io import (
     ANY_FLOAT_DTYPES,
     check_model_meta,
@@ -29,7 +29,7 @@ from .io import (
 )
 from .metrics import Fidelity, fidelity
 from .readouts import Readout, make_readout
-from .validate import check_distinct_tokens, check_int, check_number
+from .validate import check_distinct_tokens, check_int
 
 Basis = Literal["krylov", "two-sided", "observable", "pod", "random"]
 Variant = Literal["per-prompt", "paper"]
@@ -285,69 +285,28 @@ class Surrogate:
         label_names: Sequence[str] | None = None,
     ) -> dict[int, Surrogate]:
         """`fit` at max(orders), one Surrogate per order (see `fit_orders`)."""
-        context_memory = check_int("context_memory", context_memory, min=0)
-        check_model(model)
-        orders = [check_int("d", o) for o in orders]
+        context_memory, orders, batch_size, seed, concept_fraction = check_fit_args(
+            model,
+            prompts,
+            orders,
+            bases=BASES,
+            variants=VARIANTS,
+            basis=basis,
+            readout=readout,
+            variant=variant,
+            label_words=label_words,
+            concept_fraction=concept_fraction,
+            batch_size=batch_size,
+            seed=seed,
+            distributed=distributed,
+            context_memory=context_memory,
+        )
         d = max(orders)
-        for o in orders:
-            if not 1 <= o <= model.cfg.d_model:
-                raise InputError(f"d: expected 1 <= d <= d_model={model.cfg.d_model}, got {o}")
-        batch_size = check_int("batch_size", batch_size, min=1)
-        seed = check_int("seed", seed)
-        if prompts is None or isinstance(prompts, str | bytes | numbers.Number):
-            raise InputError(
-                f"prompts: expected prompts (a list, LabelledPrompts, Splits, Task or "
-                f"(prompts, labels)), got {prompts!r}"
-            )
-        if not isinstance(distributed, bool):
-            raise InputError(f"distributed: expected True or False, got {distributed!r}")
-        if label_words is not None and (
-            isinstance(label_words, str)
-            or not isinstance(label_words, Sequence)
-            or len(label_words) != 2
-        ):
-            raise InputError(
-                f"label_words: expected two words or token ids (positive, negative), got "
-                f"{label_words!r}"
-            )
-        concept_fraction = check_number("concept_fraction", concept_fraction)
-        if not 0 < concept_fraction < 1:
-            raise InputError(
-                f"concept_fraction: expected a share strictly between 0 and 1, got "
-                f"{concept_fraction:g}"
-            )
-        if basis not in BASES:
-            raise InputError(f"basis: expected one of {BASES}, got {basis!r}")
-        if variant not in VARIANTS:
-            raise InputError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-        if isinstance(readout, str) and readout == "logits":  # before any fitting work
-            early = make_readout(model, readout, None, label_words=label_words)
-            check_distinct_tokens("label_words", early.pos_token, early.neg_token, label_words)
         inputs = resolve_inputs(
             prompts, labels_needed=directions is None, seed=seed, concept_fraction=concept_fraction
         )
-        if directions is None:
-            directions = ConceptDirections.fit(
-                model,
-                inputs.concept,
-                inputs.concept_labels,
-                batch_size=batch_size,
-                label_names=label_names or inputs.label_names,
-            )
-        elif not isinstance(directions, ConceptDirections):
-            scale_prompts = inputs.concept if inputs.concept is not None else inputs.operating
-            directions = ConceptDirections.from_vectors(
-                model, directions, scale_prompts, batch_size=batch_size
-            )
-        directions.check_for(model)
+        directions = cls._resolve_directions(model, directions, inputs, batch_size, label_names)
         prompts = inputs.operating
-        unit = directions.unit.to(torch.float64)
-        zero = (unit[1:].norm(dim=-1) == 0).nonzero().flatten()
-        if len(zero):
-            raise InputError(
-                f"directions: zero concept direction at layers {(zero + 1).tolist()}; the "
-                "surrogate needs a non-zero unit_l for l >= 1"
-            )
         rd = make_readout(model, readout, directions.unit[-1], label_words=label_words)
         check_distinct_tokens("label_words", rd.pos_token, rd.neg_token, label_words)
         reduce = identity_reduce
@@ -356,38 +315,28 @@ class Surrogate:
 
             prompts = shard_prompts(prompts)
             reduce = all_reduce_sum
-        # streamed: each batch keeps its residual at the current layer and one block's K/V
-        # (one forward in all over the layer-major sweep), not every block's K/V
-        with torch.no_grad():  # JVPs/VJPs via torch.func only; no graph through a user's parameters
-            obs_gram = obs_proj = None
-            held: list[FrozenContext] = []
-            if basis in ("two-sided", "observable"):
-                # pass 1: one batch's full context at a time, its backward vectors w_l(p)
-                # folded into the observability statistic; the first batches' contexts are
-                # kept for the sweep while they fit in `context_memory` bytes, the others are
-                # freed and rebuilt layer by layer (one extra forward for those batches only)
-                batches = iter_contexts(model, prompts, batch_size=batch_size, engine=engine)
-                batches = _keep_within(batches, held, context_memory)
-                obs_gram, obs_proj = observability_grams(model, batches, rd, reduce, unit)
-            contexts = layerwise_contexts(model, prompts, batch_size=batch_size, engine=engine)
-            for i, ctx in enumerate(held):  # same batching, same order: swap in the held ones
-                if not torch.equal(ctx.index.cpu(), torch.as_tensor(contexts[i].index).cpu()):
-                    raise RuntimeError("internal: held contexts do not match the sweep's batches")
-                contexts[i] = ctx
-            stats = fit_core(
-                model,
-                contexts,
-                directions,
-                rd,
-                int(d),
-                basis,
-                seed,
-                progress,
-                reduce,
-                orders,
-                obs_gram=obs_gram,
-                obs_proj=obs_proj,
-            )
+        held: list[FrozenContext] = []
+        stats = identify(
+            model,
+            directions,
+            rd,
+            reduce,
+            d=d,
+            basis=basis,
+            seed=seed,
+            progress=progress,
+            orders=orders,
+            # the contexts kept from the first pass while they fit in `context_memory` bytes
+            full=lambda: _keep_within(
+                iter_contexts(model, prompts, batch_size=batch_size, engine=engine),
+                held,
+                context_memory,
+            ),
+            layerwise=lambda: layerwise_contexts(
+                model, prompts, batch_size=batch_size, engine=engine
+            ),
+            held=held,
+        )
         n_total = int(stats.pop("n"))
         out = {}
         for o in orders:
@@ -427,6 +376,34 @@ class Surrogate:
                 adjoint_captured=st.get("adjoint_captured"),
             )
         return out
+
+    @staticmethod
+    def _resolve_directions(model, directions, inputs, batch_size, label_names):
+        """The fit's ConceptDirections: fitted on the concept split when none are given,
+        wrapped from raw vectors (scaled on the concept or operating prompts), checked for
+        the model and for a non-zero unit_l at every l >= 1."""
+        if directions is None:
+            directions = ConceptDirections.fit(
+                model,
+                inputs.concept,
+                inputs.concept_labels,
+                batch_size=batch_size,
+                label_names=label_names or inputs.label_names,
+            )
+        elif not isinstance(directions, ConceptDirections):
+            scale_prompts = inputs.concept if inputs.concept is not None else inputs.operating
+            directions = ConceptDirections.from_vectors(
+                model, directions, scale_prompts, batch_size=batch_size
+            )
+        directions.check_for(model)
+        unit = directions.unit.to(torch.float64)
+        zero = (unit[1:].norm(dim=-1) == 0).nonzero().flatten()
+        if len(zero):
+            raise InputError(
+                f"directions: zero concept direction at layers {(zero + 1).tolist()}; the "
+                "surrogate needs a non-zero unit_l for l >= 1"
+            )
+        return directions
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

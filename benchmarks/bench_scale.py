@@ -375,16 +375,15 @@ def workload(args) -> dict:
 
 
 def runs_of(args) -> list[tuple[str, str, int]]:
-    """float32 at every size; then the other dtypes at the largest and smallest size, the
-    2-thread runs, and the other dtypes at the middle sizes (a run cut short keeps the ends)."""
+    """float32 at every size; the other dtypes at the two smallest sizes; the 2-thread runs;
+    then the other dtypes from the largest size down (a run cut short keeps a spread)."""
     shapes = args.shapes.split(",")
     dtypes = args.dtypes.split(",")
-    ends = [shapes[-1], shapes[0]] if len(shapes) > 1 else shapes
     runs = [(s, dtypes[0], 1) for s in shapes]
-    runs += [(s, dt, 1) for dt in dtypes[1:] for s in ends]
+    runs += [(s, dt, 1) for dt in dtypes[1:] for s in shapes[:2]]
     two = [s for s in (args.two_threads or f"{shapes[0]},{shapes[-1]}").split(",") if s]
     runs += [(s, dtypes[0], 2) for s in two]
-    runs += [(s, dt, 1) for dt in dtypes[1:] for s in shapes if s not in ends]
+    runs += [(s, dt, 1) for dt in dtypes[1:] for s in shapes[2:][::-1]]
     return runs
 
 

@@ -22,11 +22,9 @@ from .steps import (
 
 
 def cmd_ablate(args) -> int:
-    from .. import plots
     from ..directions import ConceptDirections
     from ..experiments import fit_surrogates, scan_eps
     from ..gains import exact_gains
-    from ..metrics import fidelity
 
     ds = _csv(args.d, int, "--d")
     epss = _csv(args.eps, float, "--eps")
@@ -83,7 +81,25 @@ def cmd_ablate(args) -> int:
             batch_size=args.batch_size,
             progress=args.progress,
         )
-    # how linear is the full model at each ε: the scan over the exact first-order gain, per layer
+    lin_rows = _linearity_rows(exact, measured, epss)
+    rows = _fidelity_rows(sur, measured, dirs.scale, bases, ds, epss, args.d_ref, args.eps_ref)
+    _report(run, rows, lin_rows, epss, args, task.name)
+    run.results.update(
+        rows=rows,
+        measured={str(k): v for k, v in measured.items()},
+        exact=exact,
+        linearity=lin_rows,
+        predicted={f"{b}/{d}": s.gains for (b, d), s in sur.items()},
+    )
+    run.finish()
+    return 0
+
+
+def _linearity_rows(exact, measured: dict, epss: list[float]) -> list[dict]:
+    """How linear the full model is at each ε: the scan over the exact first-order gain, per
+    layer, then the scans' Spearman and Pearson against the exact gains across layers."""
+    from ..metrics import fidelity
+
     lin_rows = []
     for layer in range(len(exact)):
         row: dict = {"layer": layer, "exact": float(exact[layer])}
@@ -93,24 +109,32 @@ def cmd_ablate(args) -> int:
     fids = {eps: fidelity(exact, measured[eps]) for eps in epss}
     lin_rows.append({"layer": "Spearman", **{f"r{e:g}": f.spearman for e, f in fids.items()}})
     lin_rows.append({"layer": "Pearson", **{f"r{e:g}": f.pearson for e, f in fids.items()}})
+    return lin_rows
+
+
+def _fidelity_rows(sur: dict, measured: dict, scale, bases, ds, epss, d_ref, eps_ref) -> list:
+    """Fidelity of each surrogate's gains (both variants) against the ±ε scans: the d sweep
+    at ε = eps_ref, the ε sweep at d = d_ref, per basis."""
+    from ..metrics import fidelity
+
     rows = []
     for basis in bases:
         for sweep, xs in (("d", ds), ("eps", epss)):
             for x in xs:
-                d, eps = (x, args.eps_ref) if sweep == "d" else (args.d_ref, x)
+                d, eps = (x, eps_ref) if sweep == "d" else (d_ref, x)
                 s = sur[basis, d]
                 for variant, g in (("per-prompt", s.gains), ("paper", s.gains_paper)):
-                    f = fidelity(g, measured[eps], scale=dirs.scale, identity=s.gains_identity)
+                    f = fidelity(g, measured[eps], scale=scale, identity=s.gains_identity)
                     rows.append(
-                        dict(
-                            sweep=sweep,
-                            basis=basis,
-                            d=d,
-                            eps=eps,
-                            variant=variant,
-                            **f.as_dict(),
-                        )
+                        dict(sweep=sweep, basis=basis, d=d, eps=eps, variant=variant) | f.as_dict()
                     )
+    return rows
+
+
+def _report(run, rows: list, lin_rows: list, epss, args, task_name: str) -> None:
+    """The d and ε tables, the linearity table and the two raw-unit figures."""
+    from .. import plots
+
     cols = [
         ("basis", "basis", ""),
         ("d", "d", ""),
@@ -139,8 +163,8 @@ def cmd_ablate(args) -> int:
         if r["variant"] == "per-prompt"
     ]
     titles = {
-        "d": f"Raw-unit fidelity vs reduced order d ({task.name}, ε = {args.eps_ref:g})",
-        "eps": f"Raw-unit fidelity vs scan step ε ({task.name}, d = {args.d_ref})",
+        "d": f"Raw-unit fidelity vs reduced order d ({task_name}, ε = {args.eps_ref:g})",
+        "eps": f"Raw-unit fidelity vs scan step ε ({task_name}, d = {args.d_ref})",
     }
     for sweep, title in titles.items():
         plots.plot_ablation(
@@ -150,15 +174,6 @@ def cmd_ablate(args) -> int:
             hue="basis",
             title=title,
         )
-    run.results.update(
-        rows=rows,
-        measured={str(k): v for k, v in measured.items()},
-        exact=exact,
-        linearity=lin_rows,
-        predicted={f"{b}/{d}": s.gains for (b, d), s in sur.items()},
-    )
-    run.finish()
-    return 0
 
 
 def register(add) -> None:

@@ -15,17 +15,13 @@ import torch
 
 import steerlin
 from steerlin.experiments import separation
-from steerlin.report import jsonable, md_table
+from steerlin.report import columns, jsonable, md_table
 
-COLUMNS = [
-    ("strategy", "strategy", ""),
-    ("energy", "energy Σu²", ".4g"),
-    ("ratio_to_llv", "ratio to LLV", ".3g"),
-    ("raw_energy", "raw energy", ".4g"),
-    ("raw_ratio_to_llv", "raw ratio", ".3g"),
+COLUMNS = columns(
+    "strategy energy ratio_to_llv raw_energy raw_ratio_to_llv",
     ("measured_shift", "shift", ".4g"),
-    ("evaluations", "evals", ""),
-]
+    "evaluations",
+)
 
 
 def main() -> None:

@@ -30,17 +30,15 @@ import torch
 import steerlin
 from steerlin import plots
 from steerlin.experiments import run_fidelity
+from steerlin.report import columns
 
-COLUMNS = [
-    ("task", "task", ""),
-    ("readout", "readout", ""),
-    ("basis", "basis", ""),
+COLUMNS = columns(
+    "task readout basis",
     ("variant", "variant", ""),
     ("spearman", "Spearman", ".3f"),
     ("pearson", "Pearson", ".3f"),
-    ("spearman_raw", "Spearman raw", ".3f"),
-    ("pearson_raw", "Pearson raw", ".3f"),
-]
+    "spearman_raw pearson_raw",
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import steerlin
-from steerlin.steer_eval import STRATEGIES, run_task
+from steerlin.cli.steer_eval import add_eval_options, apply_quick
+from steerlin.steer_eval import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
@@ -42,27 +43,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="sst2,hate")
     ap.add_argument("--model", default="gemma-3-270m", help="e.g. smollm2-135m (offline)")
-    ap.add_argument("--sizes", default="200,50", help="concept,operating prompts per class")
-    ap.add_argument("--d", type=int, default=32)
-    ap.add_argument("--basis", default="krylov", help="surrogate basis (docs table: krylov)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--strengths", default="0.5,1,2", help="|t| in class separations")
-    ap.add_argument(
-        "--search-coefs",
-        default="1,2,4,8",
-        help="coefficients of the raw class-mean difference the 'searched' grid tries",
-    )
-    ap.add_argument("--tokens", type=int, default=30)
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of 12 held-out stems (max 3)")
+    add_eval_options(ap)  # the CLI's: sizes, d, basis, strategies, strengths, tokens, seeds...
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--chat", action="store_true", help="prompting via the chat template")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.quick:
-        args.strategies, args.strengths, args.tokens, args.seeds = "min-norm,min-kl", "1", 8, 1
-        args.sizes, args.d = "32,16", 8
+    apply_quick(args)
     torch.set_num_threads(args.threads)
     model = steerlin.load_model(args.model)
     out = {"command": "python benchmarks/steer_eval.py", "args": vars(args), "tasks": {}}

@@ -2,6 +2,7 @@
 versions, timers.
 
 One copy of each: `md_table` (markdown) and `text_table` (aligned plain text) render row dicts,
+`columns` says how each table column is shown (`HEADERS`, one place for every table),
 `jsonable` turns results into plain JSON types, `read_json` reads a JSON object with a clear
 error, `versions` records what produced a result and `Timer` accumulates wall-clock seconds per
 named step.
@@ -155,6 +156,66 @@ def md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> s
     return "\n".join([head, sep, *body])
 
 
+#: how a column is shown wherever a table has it: key -> (header, format spec); `columns`
+#: reads it (a table that shows a key otherwise passes its own (key, header, format))
+HEADERS: dict[str, tuple[str, str]] = {
+    "task": ("task", ""),
+    "readout": ("readout", ""),
+    "basis": ("basis", ""),
+    "d": ("d", ""),
+    "eps": ("ε", "g"),
+    "variant": ("gains", ""),
+    "model": ("model", ""),
+    "params": ("params", ",d"),
+    "n_layers": ("L", ""),
+    "layer": ("layer", ""),
+    "layers": ("layers", ""),
+    "strategy": ("strategy", ""),
+    "gain": ("gain", ".4g"),
+    "energy": ("energy Σu²", ".4g"),
+    "ratio_to_llv": ("ratio to LLV", ".3g"),
+    "raw_energy": ("raw energy", ".4g"),
+    "raw_ratio_to_llv": ("raw ratio", ".3g"),
+    "predicted_shift": ("predicted shift", ".4g"),
+    "measured_shift": ("measured shift", ".4g"),
+    "multiplier": ("multiplier", ".4g"),
+    "evaluations": ("evals", ""),
+    "spearman_raw": ("Spearman raw", ".3f"),
+    "pearson_raw": ("Pearson raw", ".3f"),
+    "error": ("error", ""),
+    # the fidelity scores of `steerlin.metrics.Fidelity.as_dict` (`fidelity_columns`)
+    "raw_spearman": ("Spearman raw", ".3f"),
+    "raw_pearson": ("Pearson raw", ".3f"),
+    "null_identity_raw_spearman": ("null identity, raw", ".3f"),
+    "rel_err_median": ("rel. err. (median)", ".3f"),
+    "spearman": ("Spearman norm-rel.", ".3f"),
+    "null_scale_spearman": ("null scale, norm-rel.", ".3f"),
+}
+#: the fidelity score columns in table order: raw units first (the headline), the identity
+#: null, the median error, norm-relative units, the scale null
+FIDELITY_KEYS = (
+    "raw_spearman raw_pearson null_identity_raw_spearman rel_err_median spearman "
+    "null_scale_spearman"
+).split()
+
+
+def columns(*spec: str | tuple[str, str, str]) -> list[tuple[str, str, str]]:
+    """`md_table` columns (key, header, format): a string names keys (space-separated) shown
+    as `HEADERS` says; a (key, header, format) tuple is taken as it is."""
+    out = []
+    for item in spec:
+        if isinstance(item, tuple):
+            out.append(item)
+        else:
+            out += [(k, *HEADERS[k]) for k in item.split()]
+    return out
+
+
+def fidelity_columns(prefix: str = "") -> list[tuple[str, str, str]]:
+    """The fidelity score columns (`FIDELITY_KEYS`), keys prefixed (e.g. "e2e_")."""
+    return [(prefix + k, *HEADERS[k]) for k in FIDELITY_KEYS]
+
+
 def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A plain-text table of dict rows (floats to 4 significant digits), for terminals."""
     if not rows:
@@ -181,7 +242,10 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
 
 
 __all__ = [
+    "HEADERS",
     "Timer",
+    "columns",
+    "fidelity_columns",
     "jsonable",
     "layers_str",
     "md_table",

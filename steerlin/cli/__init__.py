@@ -1,8 +1,9 @@
 """The `steerlin` command: demo, fit, scan, control, generate, reproduce, scaling, ablate,
 steer-eval.
 
-One module per subcommand (`steerlin.cli.fit` ...: `cmd_<name>` and its `register`), shared
-pieces in `steerlin.cli.common`.
+One module per subcommand (`steerlin.cli.fit` ...: `cmd_<name>` and its `register(add)`, which
+adds the subcommand's parser with `add(name, func, help, description)`), shared pieces in
+`steerlin.cli.common`, `options` (option groups) and `steps` (steps several subcommands share).
 
 Every subcommand writes `results.json` (every number, the configuration, versions and
 timings) and `results.md` (the same as markdown tables) into its output folder, plus its
@@ -36,9 +37,7 @@ from .common import (
     resolve_model,
     resolve_task,
 )
-from .options import (
-    _common,
-)
+from .options import _common
 
 SUBCOMMANDS = (demo, fit, scan, control, generate, reproduce, scaling, ablate, steer_eval)
 

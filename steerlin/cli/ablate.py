@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from ..report import Timer
-from .common import (
-    Run,
-    _csv,
-)
-from .options import (
-    _data,
-    _positive_int,
-    _sizes,
-)
-from .steps import (
-    _encode_splits,
-    _label_words,
-    _load_model,
-    _precheck,
-    _splits,
-)
+from ..report import Timer, columns, fidelity_columns
+from .common import _csv
+from .options import _data, _positive_int, _sizes
+from .steps import _start, _task_data
 
 
 def cmd_ablate(args) -> int:
@@ -29,13 +16,8 @@ def cmd_ablate(args) -> int:
     ds = _csv(args.d, int, "--d")
     epss = _csv(args.eps, float, "--eps")
     bases = _csv(args.basis, what="--basis")
-    _precheck(args, [args.task])
-    run = Run(args, "ablate", "steerlin-ablate")
-    model = _load_model(args, run)
-    with run.timed("data"):
-        task, splits = _splits(args, args.task, args.n_concept, args.n_operating, args.n_eval)
-    enc = _encode_splits(model, splits)
-    lw = list(_label_words(args, task)) if args.readout == "logits" else None
+    run, model = _start(args, "ablate", "steerlin-ablate", [args.task])
+    task, _, enc, lw = _task_data(args, run, model, args.task)
     with run.timed("directions"):
         dirs = ConceptDirections.fit(
             model,
@@ -135,18 +117,7 @@ def _report(run, rows: list, lin_rows: list, epss, args, task_name: str) -> None
     """The d and ε tables, the linearity table and the two raw-unit figures."""
     from .. import plots
 
-    cols = [
-        ("basis", "basis", ""),
-        ("d", "d", ""),
-        ("eps", "ε", "g"),
-        ("variant", "gains", ""),
-        ("raw_spearman", "Spearman raw", ".3f"),
-        ("raw_pearson", "Pearson raw", ".3f"),
-        ("null_identity_raw_spearman", "null identity, raw", ".3f"),
-        ("rel_err_median", "rel. err. (median)", ".3f"),
-        ("spearman", "Spearman norm-rel.", ".3f"),
-        ("null_scale_spearman", "null scale, norm-rel.", ".3f"),
-    ]
+    cols = columns("basis d eps variant") + fidelity_columns()
     run.table(f"Fidelity vs d (ε = {args.eps_ref:g})", [r for r in rows if r["sweep"] == "d"], cols)
     run.table(f"Fidelity vs ε (d = {args.d_ref})", [r for r in rows if r["sweep"] == "eps"], cols)
     run.table(
@@ -177,7 +148,6 @@ def _report(run, rows: list, lin_rows: list, epss, args, task_name: str) -> None
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("ablate", cmd_ablate, "fidelity against d, ε and the basis")
     p.add_argument("--d", default="4,8,16,32,64", help="orders to try (default: 4,8,16,32,64)")
     p.add_argument(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import SteerlinError
-from ..report import Timer, jsonable, md_table, versions
+from ..report import Timer, columns, fidelity_columns, jsonable, md_table, versions
 
 DATA_ENV = "STEERLIN_DATA_DIR"
 DEMO_TASKS = ("demo", "sst2-demo")
@@ -147,31 +147,17 @@ def _csv(text: str, conv: Callable = str, what: str = "list") -> list:
 # Headline first: raw units (both curves / scale_l), then the nulls on the same curves, then
 # norm-relative units (which the scale-only null already scores highly), then the reduction
 # error against exact gains on the operating split where it was measured.
-FIDELITY_COLUMNS = [
-    ("task", "task", ""),
-    ("readout", "readout", ""),
-    ("basis", "basis", ""),
-    ("d", "d", ""),
-    ("variant", "gains", ""),
-    ("e2e_raw_spearman", "Spearman raw", ".3f"),
-    ("e2e_raw_pearson", "Pearson raw", ".3f"),
-    ("e2e_null_identity_raw_spearman", "null identity, raw", ".3f"),
-    ("e2e_rel_err_median", "rel. err. (median)", ".3f"),
-    ("e2e_spearman", "Spearman norm-rel.", ".3f"),
-    ("e2e_null_scale_spearman", "null scale, norm-rel.", ".3f"),
-    ("red_raw_spearman", "vs exact (operating): raw Spearman", ".3f"),
-    ("red_rel_err_median", "vs exact: rel. err.", ".3f"),
-]
-ENERGY_COLUMNS = [
-    ("strategy", "strategy", ""),
-    ("layers", "layers", ""),
-    ("energy", "energy Σu²", ".4g"),
-    ("ratio_to_llv", "ratio to LLV", ".3g"),
-    ("raw_energy", "raw energy", ".4g"),
-    ("measured_shift", "measured shift", ".4g"),
-    ("multiplier", "multiplier", ".4g"),
-    ("evaluations", "evals", ""),
-]
+FIDELITY_COLUMNS = (
+    columns("task readout basis d variant")
+    + fidelity_columns("e2e_")
+    + [
+        ("red_raw_spearman", "vs exact (operating): raw Spearman", ".3f"),
+        ("red_rel_err_median", "vs exact: rel. err.", ".3f"),
+    ]
+)
+ENERGY_COLUMNS = columns(
+    "strategy layers energy ratio_to_llv raw_energy measured_shift multiplier evaluations"
+)
 
 
 class Run:

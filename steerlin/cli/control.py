@@ -5,24 +5,10 @@ from __future__ import annotations
 import math
 
 from ..errors import SteerlinError
-from ..report import read_json
-from .common import (
-    ENERGY_COLUMNS,
-    CliError,
-    Run,
-    _csv,
-    parse_layers,
-    seam,
-)
-from .options import (
-    _energy_opts,
-)
-from .steps import (
-    _calibrated_schedules,
-    _energy,
-    _fit_record,
-    _load_model,
-)
+from ..report import columns, read_json
+from .common import ENERGY_COLUMNS, CliError, Run, _csv, parse_layers, seam
+from .options import _energy_opts
+from .steps import _calibrated_schedules, _energy, _fit_record, _load_model
 
 
 def cmd_control(args) -> int:
@@ -95,14 +81,7 @@ def cmd_control(args) -> int:
             f"Energy to reach {target:+.4g} under the surrogate (not calibrated; "
             "--calibrate checks it on the full model)",
             rows,
-            [
-                ("strategy", "strategy", ""),
-                ("layers", "layers", ""),
-                ("energy", "energy Σu²", ".4g"),
-                ("ratio_to_llv", "ratio to LLV", ".3g"),
-                ("raw_energy", "raw energy", ".4g"),
-                ("predicted_shift", "predicted shift", ".4g"),
-            ],
+            columns("strategy layers energy ratio_to_llv raw_energy predicted_shift"),
         )
     schedule.save(run.path("schedule.safetensors"))
     amp = [{"layer": l, "u": float(schedule.amplitudes[l])} for l in range(L)]
@@ -133,7 +112,6 @@ def cmd_control(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("control", cmd_control, "minimum-energy steering schedule for a target shift")
     p.add_argument("--fit-dir", required=True, help="output folder of `steerlin fit`")
     p.add_argument(

@@ -7,27 +7,16 @@ import math
 
 from ..experiments import separation
 from ..report import md_table
-from .common import (
-    DEMO_PROMPTS,
-    ENERGY_COLUMNS,
-    FIDELITY_COLUMNS,
-    Run,
-)
-from .options import (
-    _energy_opts,
-    _order,
-    _positive_int,
-    _sizes,
-)
+from .common import DEMO_PROMPTS, ENERGY_COLUMNS, FIDELITY_COLUMNS
+from .options import _energy_opts, _order, _positive_int, _sizes
 from .steps import (
     _calibrated_schedules,
     _encode_splits,
     _energy,
     _fidelity,
     _gains_table,
-    _load_model,
-    _precheck,
     _splits,
+    _start,
     _subset,
 )
 
@@ -37,9 +26,7 @@ def cmd_demo(args) -> int:
     from .. import plots
     from ..control import Controller
 
-    _precheck(args)
-    run = Run(args, "demo", "steerlin-demo")
-    model = _load_model(args, run)
+    run, model = _start(args, "demo", "steerlin-demo")
     L = model.cfg.n_layers
     with run.timed("data"):
         task, splits = _splits(args, "demo", args.n_concept, args.n_operating, args.n_eval)
@@ -120,7 +107,6 @@ def cmd_demo(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add(
         "demo",
         cmd_demo,

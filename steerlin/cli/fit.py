@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 
 from ..experiments import separation
-from .common import (
-    CliError,
-    Run,
-)
-from .options import (
-    _data,
-    _order,
-    _sizes,
-)
+from ..report import columns
+from .common import CliError
+from .options import _data, _order, _sizes
 from .steps import (
     _check_logits,
-    _encode_splits,
-    _label_words,
-    _load_model,
-    _precheck,
-    _splits,
+    _start,
+    _task_data,
 )
 
 
@@ -29,13 +20,8 @@ def cmd_fit(args) -> int:
     from ..surrogate import Surrogate
     from ..trajectory import capture
 
-    _precheck(args, [args.task])
-    run = Run(args, "fit", "steerlin-fit")
-    model = _load_model(args, run)
-    with run.timed("data"):
-        task, splits = _splits(args, args.task, args.n_concept, args.n_operating, args.n_eval)
-    enc = _encode_splits(model, splits)
-    lw = list(_label_words(args, task)) if args.readout == "logits" else None
+    run, model = _start(args, "fit", "steerlin-fit", [args.task])
+    task, splits, enc, lw = _task_data(args, run, model, args.task)
     if lw is not None and (why := _check_logits(model, lw)):
         raise CliError(f"--readout logits: {why}; pass --label-words ' yes, no' (single tokens)")
     run.config.update(task_name=task.name, label_words=lw, data_source=task.source)
@@ -103,13 +89,12 @@ def cmd_fit(args) -> int:
     run.table(
         f"Predicted gains dy/du_l ({args.readout} readout, {args.variant})",
         rows,
-        [
-            ("layer", "layer", ""),
-            ("gain", "gain", ".4g"),
+        columns(
+            "layer gain",
             ("paper", "paper variant", ".4g"),
             ("std", "per-prompt std", ".3g"),
             ("scale", "scale ‖x_l‖", ".4g"),
-        ]
+        )
         + ([] if sur.gains_exact is None else [("exact", "exact (same prompts)", ".4g")]),
     )
     if sur.gains_exact is not None:
@@ -137,7 +122,6 @@ def cmd_fit(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("fit", cmd_fit, "fit concept directions and the LLV surrogate on a task")
     p.add_argument(
         "--task",

@@ -6,19 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from .common import (
-    DEMO_PROMPTS,
-    CliError,
-    Run,
-)
-from .options import (
-    _positive_int,
-)
-from .steps import (
-    _generate,
-    _generation_table,
-    _load_model,
-)
+from .common import DEMO_PROMPTS, CliError, Run
+from .options import _positive_int
+from .steps import _generate, _generation_table, _load_model
 
 
 def cmd_generate(args) -> int:
@@ -56,7 +46,6 @@ def cmd_generate(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("generate", cmd_generate, "greedy generation, steered vs unsteered")
     p.add_argument("--schedule", required=True, help="schedule.safetensors from control/demo")
     p.add_argument(

@@ -5,28 +5,16 @@ from __future__ import annotations
 import re
 
 from ..experiments import separation
-from .common import (
-    ENERGY_COLUMNS,
-    FIDELITY_COLUMNS,
-    Run,
-    _csv,
-)
-from .options import (
-    _data,
-    _energy_opts,
-    _order,
-    _positive_int,
-    _sizes,
-)
+from .common import ENERGY_COLUMNS, FIDELITY_COLUMNS, _csv
+from .options import _data, _energy_opts, _order, _positive_int, _sizes
 from .steps import (
     _check_logits,
     _encode_splits,
     _energy,
     _fidelity,
     _label_words,
-    _load_model,
-    _precheck,
     _splits,
+    _start,
     _subset,
 )
 
@@ -35,9 +23,7 @@ def cmd_reproduce(args) -> int:
     from .. import plots
 
     tasks = _csv(args.tasks, what="--tasks")
-    _precheck(args, tasks)
-    run = Run(args, "reproduce", "steerlin-reproduce")
-    model = _load_model(args, run)
+    run, model = _start(args, "reproduce", "steerlin-reproduce", tasks)
     all_fid, all_energy, per_task = [], [], {}
     for name in tasks:
         print(f"\n=== task {name} ===", flush=True)
@@ -117,7 +103,6 @@ def cmd_reproduce(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("reproduce", cmd_reproduce, "the paper's per-task fidelity and energy tables")
     p.add_argument(
         "--tasks",

@@ -7,22 +7,10 @@ import gc
 import time
 
 from ..errors import InputError
-from .common import (
-    Run,
-    _csv,
-    seam,
-)
-from .options import (
-    _basis,
-    _data,
-    _sizes,
-)
-from .steps import (
-    _dtype,
-    _encode_splits,
-    _fidelity,
-    _splits,
-)
+from ..report import columns
+from .common import Run, _csv, seam
+from .options import _basis, _data, _sizes
+from .steps import _dtype, _encode_splits, _fidelity, _splits
 
 
 def _orders(text, n_layers: int) -> list[int]:
@@ -94,12 +82,8 @@ def cmd_scaling(args) -> int:
         "vs exact gains on the operating prompts, end-to-end = vs the ±ε scan on the eval "
         "split, beside the ceiling 'exact (operating)')",
         rows,
-        [
-            ("model", "model", ""),
-            ("params", "params", ",d"),
-            ("n_layers", "L", ""),
-            ("d", "d", ""),
-            ("variant", "gains", ""),
+        columns("model params n_layers d variant")
+        + [
             ("red_raw_spearman", "reduction: Spearman raw", ".3f"),
             ("red_rel_err_median", "reduction: rel. err. median", ".3f"),
             ("red_null_identity_raw_spearman", "null identity, raw", ".3f"),
@@ -107,8 +91,8 @@ def cmd_scaling(args) -> int:
             ("e2e_null_identity_raw_spearman", "e2e null identity, raw", ".3f"),
             ("e2e_spearman", "e2e Spearman norm-rel.", ".3f"),
             ("e2e_null_scale_spearman", "e2e null scale, norm-rel.", ".3f"),
-            ("error", "error", ""),
-        ],
+        ]
+        + columns("error"),
     )
     per_prompt = [r for r in rows if r.get("variant") == "per-prompt"]
     if per_prompt:
@@ -123,7 +107,6 @@ def cmd_scaling(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("scaling", cmd_scaling, "fidelity against model size")
     p.add_argument("--models", required=True, help="comma-separated model names")
     p.add_argument("--task", default="sst2", help="task (default: sst2)")

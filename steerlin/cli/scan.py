@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 from ..experiments import TaskRun
-from .common import (
-    FIDELITY_COLUMNS,
-    Run,
-    seam,
-)
-from .steps import (
-    _fit_record,
-    _gains_table,
-    _load_model,
-    _readout_args,
-)
+from .common import FIDELITY_COLUMNS, Run, seam
+from .steps import _fit_record, _gains_table, _load_model, _readout_args
 
 
 def cmd_scan(args) -> int:
@@ -90,7 +81,6 @@ def cmd_scan(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add("scan", cmd_scan, "measure full-model gains on a fit's eval split; fidelity")
     p.add_argument("--fit-dir", required=True, help="output folder of `steerlin fit`")
     p.add_argument("--eps", type=float, default=0.1, help="scan step ε (default: 0.1)")

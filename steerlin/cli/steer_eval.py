@@ -6,22 +6,18 @@ from __future__ import annotations
 import json
 
 from ..steer_eval import STRATEGIES
-from .common import Run
 from .options import _positive_int
-from .steps import _data_dir, _load_model, _precheck
+from .steps import _data_dir, _start
 
 
 def cmd_steer_eval(args) -> int:
     """Run `steerlin.steer_eval.run_task` for each task; JSON, figures and tables to --out."""
     from ..steer_eval import run_task
 
-    if args.quick:
-        args.strategies, args.strengths, args.tokens, args.seeds = "min-norm,min-kl", "1", 8, 1
-        args.sizes, args.d = "32,16", 8
+    apply_quick(args)
     args.data_dir = _data_dir(args)
-    _precheck(args, [t for t in args.tasks.split(",") if t.strip()])
-    run = Run(args, "steer-eval", "steerlin-steer-eval")
-    model = _load_model(args, run)
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    run, model = _start(args, "steer-eval", "steerlin-steer-eval", tasks)
     res = run.results.setdefault("tasks", {})
     for task in args.tasks.split(","):
         with run.timed(task):
@@ -32,7 +28,6 @@ def cmd_steer_eval(args) -> int:
 
 
 def register(add) -> None:
-    """Add the subcommand's parser (`add(name, func, help, description)`)."""
     p = add(
         "steer-eval",
         cmd_steer_eval,
@@ -50,6 +45,11 @@ def register(add) -> None:
         help="folder with sst2/ and tweeteval/ (default: $STEERLIN_DATA_DIR, else Hugging "
         "Face online)",
     )
+    add_eval_options(p)
+
+
+def add_eval_options(p) -> None:
+    """The evaluation's own options (also benchmarks/steer_eval.py's)."""
     p.add_argument("--sizes", default="200,50", help="concept,operating prompts per class")
     p.add_argument("--d", type=_positive_int, default=32, help="surrogate order (default 32)")
     p.add_argument("--basis", default="krylov", help="surrogate basis (default krylov)")
@@ -68,3 +68,10 @@ def register(add) -> None:
         action="store_true",
         help="prompting baseline through the chat template (instruct models)",
     )
+
+
+def apply_quick(args) -> None:
+    """--quick: min-norm and min-KL, t = 1, 8 tokens, 1 seed, 32/16 prompts, d = 8."""
+    if args.quick:
+        args.strategies, args.strengths, args.tokens, args.seeds = "min-norm,min-kl", "1", 8, 1
+        args.sizes, args.d = "32,16", 8

@@ -18,15 +18,7 @@ from ..loading import DEFAULT_MODEL
 from ..regime import generate
 from ..report import md_table, read_json
 from ..surrogate import DEFAULT_BASIS
-from .common import (
-    DATA_ENV,
-    DTYPES,
-    CliError,
-    Run,
-    _csv,
-    parse_layers,
-    seam,
-)
+from .common import DATA_ENV, DTYPES, CliError, Run, _csv, parse_layers, seam
 
 
 def _fidelity(
@@ -100,6 +92,25 @@ def _precheck(args, tasks=()) -> None:
             get_task_spec(name)
         except SteerlinError as exc:
             raise CliError(f"--task: {exc}") from None
+
+
+def _start(args, command: str, out: str, tasks=()) -> tuple[Run, object]:
+    """A subcommand's start, in this order: the cheap checks (`_precheck`), its run folder
+    (`Run`), the model."""
+    _precheck(args, tasks)
+    run = Run(args, command, out)
+    return run, _load_model(args, run)
+
+
+def _task_data(args, run: Run, model, name: str, step: str = "data") -> tuple:
+    """One task's splits (--n-concept/--n-operating/--n-eval, timed as `step`), encoded, and
+    the logit readout's label words (None for the concept readout): (task, splits, enc,
+    words)."""
+    with run.timed(step):
+        task, splits = _splits(args, name, args.n_concept, args.n_operating, args.n_eval)
+    enc = _encode_splits(model, splits)
+    lw = list(_label_words(args, task)) if args.readout == "logits" else None
+    return task, splits, enc, lw
 
 
 def _splits(args, task_name: str, n_concept: int, n_operating: int, n_eval: int):

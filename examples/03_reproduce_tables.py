@@ -81,7 +81,9 @@ def main() -> None:
         )
         lab = torch.tensor(splits.eval.labels)
         target = 0.5 * float(y[lab == 1].mean() - y[lab == 0].mean())
-        rows = compare_energy(model, splits.eval.texts, sur, target, n_random=2 if args.fast else 5)
+        rows = compare_energy(
+            model, splits.eval.texts, sur, target, units="raw", n_random=2 if args.fast else 5
+        )
         energy_rows += [dict(r, task=name, target=target) for r in rows]
         plot_energy(rows, out / f"energy_{name}.png", title=f"{name}: target {target:+.3g}")
         record[name] = run.to_json() | {"energy": rows, "target": target}

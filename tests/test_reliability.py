@@ -226,13 +226,13 @@ BAD_INPUTS = [
     pytest.param(
         lambda w: _enter(inject(w.m, {99: torch.zeros(32)})),
         LayerError,
-        r"0\.\.2 .*got 99",
+        r"0\.\.3 .*got 99",
         id="inject-layer-99",
     ),
     pytest.param(
         lambda w: _enter(inject(w.m, {-1: torch.zeros(32)})),
         LayerError,
-        r"0\.\.2 .*got -1",
+        r"0\.\.3 .*got -1",
         id="inject-layer-negative",
     ),
     pytest.param(

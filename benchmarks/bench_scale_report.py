@@ -185,48 +185,72 @@ def llama8b(rows: list[dict], models: dict, workload: dict) -> dict:
 
 
 def plot(rows: list[dict], models: dict, path: Path = PLOT) -> Path:
+    """Left: stage CPU seconds vs compute parameters x token-forwards (log-log; float32 filled
+    with its fitted line, bfloat16 open, dashed). Middle / right: the fit's time and memory
+    goals vs parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    ax = axes[0]
     marks = {"directions": "o", "exact": "s", "fit": "D", "scan": "^", "calibrate": "v"}
-    colors = {"directions": "C0", "exact": "C1", "fit": "C3", "scan": "C2", "calibrate": "C4"}
-    for ax, dt in zip(axes, ("float32", "bfloat16"), strict=True):
-        rs = [r for r in rows if r["dtype"] == dt and r["threads"] == 1]
-        for k, mk in marks.items():
+    for i, (k, mk) in enumerate(marks.items()):
+        color = f"C{i}"
+        for dt, fill, ls in (("float32", color, "-"), ("bfloat16", "none", "--")):
+            rs = [r for r in rows if r["dtype"] == dt]
+            if not rs:
+                continue
             xs = np.array([r["compute_params"] * r[f"{k}_tokfwd"] for r in rs])
             ys = np.array([r[f"{k}_cpu_s"] for r in rs])
-            if len(xs) == 0:
-                continue
-            ax.scatter(xs, ys, marker=mk, color=colors[k], label=k, zorder=3)
             m = models.get(f"{dt}/{k}")
+            lab = f"{k} {dt}" + (f": x^{m['b']:.2f}" if m else "")
+            ax.scatter(xs, ys, marker=mk, facecolors=fill, edgecolors=color, label=lab, zorder=3)
             if m:
                 xx = np.geomspace(xs.min(), xs.max(), 20)
-                ax.plot(
-                    xx, m["k"] * xx ** m["b"], color=colors[k], lw=1, label=f"  fit: x^{m['b']:.2f}"
-                )
-        for r in rs:
-            ax.annotate(
-                r["shape"],
-                (r["compute_params"] * r["exact_tokfwd"], r["exact_cpu_s"]),
-                fontsize=7,
-                xytext=(3, -9),
-                textcoords="offset points",
-            )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{dt}, 1 thread (CPU seconds)")
-        ax.set_xlabel("compute parameters x token-forwards")
+                ax.plot(xx, m["k"] * xx ** m["b"], color=color, lw=1, ls=ls)
+    for r in rows:
+        if r["dtype"] == "float32":
+            x, y = r["compute_params"] * r["exact_tokfwd"], r["exact_cpu_s"]
+            ax.annotate(r["shape"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="compute parameters x token-forwards",
+        ylabel="process CPU seconds (1 thread)",
+        title="stage cost (CPU s)",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6.5, ncol=2)
+    for ax, key, goal, ylab in (
+        (axes[1], "fit_over_exact_cpu", GOAL_FIT_RATIO, "fit d=8 / exact gains (CPU time)"),
+        (axes[2], "fit_rss_over_weights_GiB", GOAL_RSS_EXTRA_GIB, "fit peak RSS − weights (GiB)"),
+    ):
+        for dt, mk in (("float32", "o-"), ("bfloat16", "s--")):
+            rs = sorted((r for r in rows if r["dtype"] == dt), key=lambda r: r["params_M"])
+            if rs:
+                ax.plot([r["params_M"] * 1e6 for r in rs], [r[key] for r in rs], mk, label=dt)
+        ax.axhline(goal, color="k", lw=1, ls=":", label=f"goal ≤ {goal}")
+        ax.set(
+            xscale="log",
+            xlabel="parameters as built (W_E, W_U untied)",
+            ylabel=ylab,
+            title=ylab,
+        )
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([1.5e8, 3e8, 6e8, 1.2e9, 2.4e9], ["150M", "300M", "600M", "1.2B", "2.4B"])
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    axes[0].set_ylabel("process CPU seconds")
-    fig.suptitle("steerlin stage cost vs model size (random-weight real shapes)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        "steerlin's cost vs model size: random-weight models of real shapes, CPU", fontsize=10
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 

@@ -66,15 +66,13 @@ def cmd_ablate(args) -> int:
     lin_rows = _linearity_rows(exact, measured, epss)
     rows = _fidelity_rows(sur, measured, dirs.scale, bases, ds, epss, args.d_ref, args.eps_ref)
     _report(run, rows, lin_rows, epss, args, task.name)
-    run.results.update(
+    return run.finish(
         rows=rows,
         measured={str(k): v for k, v in measured.items()},
         exact=exact,
         linearity=lin_rows,
         predicted={f"{b}/{d}": s.gains for (b, d), s in sur.items()},
     )
-    run.finish()
-    return 0
 
 
 def _linearity_rows(exact, measured: dict, epss: list[float]) -> list[dict]:

@@ -192,7 +192,9 @@ class Run:
     def path(self, name: str) -> Path:
         return self.out / name
 
-    def finish(self) -> Path:
+    def finish(self, **results) -> int:
+        """Add `results`, write results.json and results.md; the command's exit status (0)."""
+        self.results.update(results)
         self.timings["total"] = time.perf_counter() - self.t0
         doc = {
             "command": self.command,
@@ -212,4 +214,4 @@ class Run:
             f"\nwrote {self.path('results.json')} and results.md "
             f"({self.timings['total']:.1f} s in total)"
         )
-        return self.out
+        return 0

@@ -100,15 +100,13 @@ def cmd_control(args) -> int:
         p = schedule.to_llama_cpp(args.llama_cpp)
         run.say(f"\nllama.cpp control vector: {p} (use: llama-cli --control-vector {p})")
     run.say(f"\nSchedule: {run.path('schedule.safetensors')} — {schedule!r}")
-    run.results.update(
+    return run.finish(
         energy=rows,
         schedule=schedule.amplitudes,
         schedules=scheds,
         schedule_meta=schedule.meta,
         fit_dir=fit_dir,
     )
-    run.finish()
-    return 0
 
 
 def register(add) -> None:

@@ -102,8 +102,7 @@ def cmd_demo(args) -> int:
     tr.directions.save(run.path("directions.safetensors"))
     sur.save(run.path("surrogate.safetensors"))
     run.say("\nFigures: gains.png, energy.png, schedule.png")
-    run.finish()
-    return 0
+    return run.finish()
 
 
 def register(add) -> None:

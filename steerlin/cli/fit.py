@@ -109,7 +109,7 @@ def cmd_fit(args) -> int:
         f"\nReadout class-mean separation on the eval split: {sep['separation']:+.4g} "
         f"(half of it, {sep['half_separation']:+.4g}, is a natural `control --target`)."
     )
-    run.results.update(
+    return run.finish(
         gains=sur.gains,
         gains_paper=sur.gains_paper,
         gains_std=sur.gains_std,
@@ -117,8 +117,6 @@ def cmd_fit(args) -> int:
         separation=sep,
         surrogate=repr(sur),
     )
-    run.finish()
-    return 0
 
 
 def register(add) -> None:

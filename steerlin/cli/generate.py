@@ -38,11 +38,7 @@ def cmd_generate(args) -> int:
     rows = _generation_table(
         run, prompts, plain, steered, f"Steered (× {args.scale:g}) vs unsteered, greedy"
     )
-    run.results.update(
-        samples=rows, scale=args.scale, energy=steer.energy, schedule=str(sched_path)
-    )
-    run.finish()
-    return 0
+    return run.finish(samples=rows, scale=args.scale, energy=steer.energy, schedule=str(sched_path))
 
 
 def register(add) -> None:

@@ -97,9 +97,7 @@ def cmd_reproduce(args) -> int:
             all_energy,
             [("task", "task", ""), ("target", "target", ".4g")] + ENERGY_COLUMNS,
         )
-    run.results.update(fidelity=all_fid, energy=all_energy)
-    run.finish()
-    return 0
+    return run.finish(fidelity=all_fid, energy=all_energy)
 
 
 def register(add) -> None:

@@ -101,9 +101,7 @@ def cmd_scaling(args) -> int:
             run.path("scaling.png"),
             title=f"Reduction error vs d per model ({task.name}, basis {args.basis}, raw units)",
         )
-    run.results.update(rows=rows)
-    run.finish()
-    return 0
+    return run.finish(rows=rows)
 
 
 def register(add) -> None:

@@ -68,7 +68,7 @@ def cmd_scan(args) -> int:
         title=f"{cfg.get('model', run.config['model'])} on "
         f"{split_rec.get('task')}: gains (d={sur.d}, {kind} readout)",
     )
-    run.results.update(
+    return run.finish(
         fidelity=fid,
         measured=measured,
         exact=exact,
@@ -76,8 +76,6 @@ def cmd_scan(args) -> int:
         predicted_paper=sur.gains_paper,
         fit_dir=fit_dir,
     )
-    run.finish()
-    return 0
 
 
 def register(add) -> None:

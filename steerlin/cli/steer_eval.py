@@ -23,8 +23,7 @@ def cmd_steer_eval(args) -> int:
         with run.timed(task):
             res[task] = run_task(model, task, args, img_dir=run.out, log=run.say)
         (run.out / "steer_eval.json").write_text(json.dumps(run.results, indent=1, default=str))
-    run.finish()
-    return 0
+    return run.finish()
 
 
 def register(add) -> None:

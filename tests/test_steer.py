@@ -191,3 +191,33 @@ def test_bad_vectors(model):
         with steer(model, {1: torch.full((H,), np.nan)}):
             pass
     assert count_hooks(model) == 0
+
+
+def _gen(model, p, cache: bool) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            torch.tensor([p]),
+            max_new_tokens=5,
+            do_sample=False,
+            stop_at_eos=False,
+            verbose=False,
+            use_past_kv_cache=cache,
+        )[0, len(p) :]
+
+
+def test_final_state_under_cached_generation(model):
+    """x_L (the last block's output) under model.generate with the KV cache: "last" and
+    "generated" ("generated" reads the cache offset, recorded for x_L off the last block) steer
+    the last prompt token and every new token, the same tokens as ("from", n_prompt - 1)
+    without the cache."""
+    L, p = model.cfg.n_layers, TOKS[0]
+    v = 40.0 * _vec(model.cfg.d_model, 8)
+    plain = _gen(model, p, True)
+    for layers in ([L], [L - 1, L]):
+        with steer(model, v, layers=layers, positions=("from", len(p) - 1)):
+            ref = _gen(model, p, False)
+        assert not torch.equal(ref, plain)
+        for pos in ("last", "generated"):
+            with steer(model, v, layers=layers, positions=pos):
+                assert torch.equal(_gen(model, p, True), ref), (layers, pos)
+    assert count_hooks(model) == 0

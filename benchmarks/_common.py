@@ -155,6 +155,30 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM; since the last `reset_peak_rss`). Not ru_maxrss:
+    Linux carries the parent's peak across fork + exec into a child's ru_maxrss (a parent
+    holding a loaded model would show in every child). ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return max_rss_mib()
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:  # pragma: no cover
+        return False
+
+
 def proc_status_mib() -> dict[str, float]:
     """Current VmRSS and its split into anonymous and file-backed pages (Linux), MiB."""
     out = {}

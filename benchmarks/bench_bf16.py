@@ -38,25 +38,6 @@ import _common as C  # noqa: E402
 DTYPES = ("float32", "bfloat16")
 
 
-def _peak_mib() -> float:
-    """This process's peak RSS since the last reset (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return C.max_rss_mib()  # pragma: no cover - not Linux
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:  # pragma: no cover
-        return False
-
-
 def child(args) -> None:
     import gc
 
@@ -76,7 +57,7 @@ def child(args) -> None:
     )
     gc.collect()
     out["after_load_mib"] = C.proc_status_mib().get("VmRSS")
-    out["peak_reset"] = _reset_peak()
+    out["peak_reset"] = C.reset_peak_rss()
     sp = C.sst2_splits(args.data_dir, args.concept_n, args.n // 2, args.eval_n, seed=args.seed)
     ops, ev = C.texts(sp.operating), C.texts(sp.eval)
     shared = Path(args.shared)
@@ -101,7 +82,7 @@ def child(args) -> None:
         lambda: calibrate(model, ev, ctrl.schedule, target)
     )
     out.update(t)
-    out["peak_steerlin_mib"] = _peak_mib()
+    out["peak_steerlin_mib"] = C.peak_rss_mib()
     out["upcast_peak_mib"] = upcast_stats()["peak"] / 2**20
     out["exact"] = g.tolist()
     out["surrogate"] = sur.gains.tolist()

@@ -263,7 +263,7 @@ class Controller:
         if not self.single:
             raise InputError("calibrate: one concept at a time (a single multiplier per readout)")
         n_tokens = check_int("n_tokens", n_tokens, min=0)
-        if isinstance(positions, str) and positions == "last":
+        if isinstance(positions, str) and positions == "last" and int(n_tokens) > 0:
             warnings.warn(
                 "Controller.calibrate(positions='last') measures the generation regime, which "
                 "steerlin names positions='generated' (the default; steerlin.calibrate's 'last' "

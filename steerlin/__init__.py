@@ -2,7 +2,9 @@
 
 A transformer's depth dynamics seen from the last token are close to a low-order linear
 system. steerlin identifies it from JVPs (`Surrogate.fit`), predicts per-layer steering gains,
-and gives the minimum-energy schedule for a target shift (`Controller`).
+and gives the minimum-energy schedule for a target shift (`Controller`). `steer` applies a
+vector at chosen layers with one coefficient, as steering-vectors and repeng do (their vectors
+included).
 """
 
 from . import predictors  # where to steer without generating

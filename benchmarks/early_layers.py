@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import _common as C
 import numpy as np
 import torch
 
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--orders", default="4,8,16,32,64,128,256")
     ap.add_argument("--sizes", default="400,200,200", help="concept,operating,eval per class")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()

@@ -24,6 +24,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import _common as C
 import numpy as np
 import torch
 
@@ -41,7 +42,6 @@ COLUMNS = columns(
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 def _ds(text: str, n_layers: int) -> list[int]:
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--d", default="1,2,4,8,12,16,L+1", help="comma list; L+1 = n_layers + 1")
     ap.add_argument("--seeds", default="0,1,2", help="split seeds")
     ap.add_argument("--eps", type=float, default=0.1)
-    ap.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None)
     ap.add_argument("--tag", default="", help="suffix for the result files")

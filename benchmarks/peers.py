@@ -48,9 +48,14 @@ from steerlin.judges import get_judge  # noqa: E402
 from steerlin.measure import continuation_scores, regime_kl  # noqa: E402
 from steerlin.readouts import make_readout  # noqa: E402
 from steerlin.regime import Continuations  # noqa: E402
-from steerlin.steer_eval import SETTINGS, neutral_stems, per_seed_ppl, summarise  # noqa: E402
+from steerlin.steer_eval import (  # noqa: E402
+    SETTINGS,
+    TASKS,
+    neutral_stems,
+    per_seed_ppl,
+    summarise,
+)
 
-TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 #: Coefficient grids on each peer's own scale (multiplier of the raw mean difference; repeng's
 #: coefficient = injected norm per layer of its unit directions).
 GRIDS = {

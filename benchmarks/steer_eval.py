@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+import _common as C
 import torch
 
 import steerlin
@@ -25,7 +26,6 @@ from steerlin.cli.steer_eval import add_eval_options, apply_quick
 from steerlin.steer_eval import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 
 
 def run(model, task: str, args, checkpoint=None) -> dict:
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="sst2,hate")
     ap.add_argument("--model", default="gemma-3-270m", help="e.g. smollm2-135m (offline)")
     add_eval_options(ap)  # the CLI's: sizes, d, basis, strategies, strengths, tokens, seeds...
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import _common as C
 import numpy as np
 import torch
 
@@ -34,10 +35,9 @@ from steerlin import predictors as pr
 from steerlin.judges import get_judge
 from steerlin.measure import bisect_multiplier, regime_kl
 from steerlin.regime import generate
-from steerlin.steer_eval import SETTINGS, neutral_stems
+from steerlin.steer_eval import SETTINGS, TASKS, neutral_stems
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 F64 = torch.float64
 
 
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--kl", default="0.1,0.3", help="KL levels (nats/token)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds of 12 held-out stems")
     ap.add_argument("--tokens", type=int, default=30)
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for the result and figure names")

@@ -59,7 +59,7 @@ from .cost import Cost, ForwardCounter, cost_of
 from .evaluate import Evaluation, per_seed_ppl
 from .prepare import PREPARE, Inputs
 from .search import SEARCH_COEFS, SEARCH_MAX_PPL, search_grid
-from .setting import SETTINGS, EvalSetting, instructed, neutral_stems
+from .setting import SETTINGS, TASKS, EvalSetting, instructed, neutral_stems
 from .strategies import F64, REGISTRY, STRATEGIES, Strategy, middle_layers, strategy_shape
 from .strategies import get_strategy as _get_strategy
 from .tables import (
@@ -193,6 +193,7 @@ __all__ = [
     "REGISTRY",
     "Strategy",
     "SETTINGS",
+    "TASKS",
     "neutral_stems",
     "strategy_shape",
     "steer_eval",

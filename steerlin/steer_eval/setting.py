@@ -27,6 +27,8 @@ class EvalSetting:
     )
 
 
+#: the evaluation's tasks -> their names in the data registry (`steerlin.load_task`)
+TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 SETTINGS = {
     "sst2": EvalSetting("sst2", "vader", "positive", "negative"),
     "hate": EvalSetting(

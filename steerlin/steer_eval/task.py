@@ -10,7 +10,7 @@ import torch
 
 from ..errors import InputError
 from .cost import Cost, shared_costs
-from .setting import SETTINGS, neutral_stems
+from .setting import SETTINGS, TASKS, neutral_stems
 from .strategies import REGISTRY
 from .tables import (
     format_correlations,
@@ -19,8 +19,6 @@ from .tables import (
     readout_correlations,
     summarise,
 )
-
-TASKS = {"sst2": "sst2", "hate": "tweet_eval_hate"}
 
 
 def _shared_steps(model, task: str, args, strategies: list[str]) -> tuple[dict, dict]:

@@ -221,3 +221,21 @@ def test_final_state_under_cached_generation(model):
             with steer(model, v, layers=layers, positions=pos):
                 assert torch.equal(_gen(model, p, True), ref), (layers, pos)
     assert count_hooks(model) == 0
+
+
+def test_gguf_control_vector(model, tmp_path):
+    """A llama.cpp / repeng control-vector file brings its own layers: direction.N is added to
+    the output of layer N, steerlin's x_{N+1}; coefficient scales it as llama.cpp's does."""
+    from steerlin.interop import write_gguf
+
+    H = model.cfg.d_model
+    v1, v2 = _vec(H, 11).float(), _vec(H, 12).float()
+    path = write_gguf(tmp_path / "cv.gguf", {1: v1.numpy(), 3: v2.numpy()}, model_hint="toy")
+    toks = torch.tensor(TOKS)
+    with steer(model, path, coefficient=-0.7) as s:
+        got = model(toks)
+    assert s.layers == [2, 4] and s.source.startswith("gguf:")
+    add = {2: -0.7 * v1.double(), 4: -0.7 * v2.double()}
+    with steerlin.inject(model, add, positions="all"):
+        ref = model(toks)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -34,6 +34,8 @@ CHECKS = {
     "fast": "fast engine equals TransformerLens's block, or the fallback is named",
     "generate": "a schedule under `generate`: same tokens with the K/V cache as without",
     "save_load": "Surrogate and Schedule save / load round trip",
+    "half": "bfloat16: exact gains equal a float32 model's on the same rounded weights, or the "
+    "error names what fails",
 }
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 
@@ -71,8 +73,11 @@ def cell(results: dict) -> tuple[str, str]:
     missing = [c for c in CHECKS if c not in results]
     if missing:
         return "✗ failed: " + ", ".join(missing), "checks that did not pass: " + ", ".join(missing)
-    fast = results["fast"]
-    return "✓", "all checks passed" + ("" if fast == "ok" else f"; fast engine: {fast}")
+    fast, half = results["fast"], results["half"]
+    detail = "all checks passed" + ("" if fast == "ok" else f"; fast engine: {fast}")
+    if half != "ok":
+        return "✓ (float32/64 only)", f"{detail}; bfloat16/float16 refused: {half}"
+    return "✓", detail
 
 
 def fast_cell(results: dict) -> str:
@@ -102,7 +107,7 @@ def tables(data: dict[str, dict]) -> tuple[str, str, dict[str, int]]:
         row = [f"{fam} (`{arch}`)", feat]
         for l in lines:
             short, detail = cell(data[l]["families"].get(fam, {}))
-            counts[l] += short == "✓"
+            counts[l] += short.startswith("✓")
             row.append(short)
             details.append(f"- **{fam}, {LINES[l]}**: {detail}")
         if "tl3" in data:

@@ -15,6 +15,8 @@ Per family:
 - a schedule under `generate` gives the same tokens with the K/V cache as the greedy oracle
   without it (full forwards, the schedule as hooks from the last prompt token on);
 - Surrogate and Schedule save / load round trips (the reloaded schedule steers identically);
+- bfloat16: exact gains equal a float32 model's on the same rounded weights (tests/test_bf16.py's
+  tolerances), or the error names what fails (OLMo-2 on TransformerLens 4.3);
 - on TransformerLens 4, a family the bridge backend does not drive is refused by a SteerlinError
   naming the missing feature and the line that supports it, before any model run.
 
@@ -280,6 +282,35 @@ def test_a_schedule_generates_the_same_tokens_with_and_without_the_cache(family,
     _record(arch, "generate")
 
 
+def test_half_precision_agrees_with_float32_or_is_refused(family):
+    """A bfloat16 model (frozen maps in float32, one block's copy at a time) against a float32
+    model with the same bf16-rounded weights, as tests/test_bf16.py: 1e-5 on TransformerLens 3,
+    1e-2 on 4 (the bridge replays the bf16 model's own rotary tables and embedding scale).
+    Where the bridge cannot run the family in half precision, the error names the feature."""
+    arch = family[0]
+    _supported(family)
+    m16 = wrap(arch, dtype=torch.bfloat16)
+    try:
+        backend.check_model(m16)
+    except SteerlinError as err:
+        assert TL4, f"{arch} in bfloat16 refused on TransformerLens 3: {err}"
+        assert "bfloat16" in str(err) and "TransformerLens 3" in str(err), str(err)
+        _record(arch, "half", str(err))
+        return
+    m32 = wrap(arch, dtype=torch.float32)
+    with torch.no_grad():
+        for (name, p32), (_, p16) in zip(
+            m32.named_parameters(), m16.named_parameters(), strict=True
+        ):
+            assert p32.shape == p16.shape, name
+            p32.copy_(p16.float())
+    d32 = ConceptDirections.fit(m32, _CONCEPT, [i % 2 for i in range(len(_CONCEPT))])
+    want = exact_gains(m32, _OPS, d32)
+    got = exact_gains(m16, _OPS, d32)
+    assert _rel(got, want) < (1e-2 if TL4 else 1e-5), (arch, _rel(got, want))
+    _record(arch, "half")
+
+
 def test_save_load_round_trip(family, dirs, tmp_path):
     arch, model = _supported(family)
     sur = Surrogate.fit(model, _OPS, dirs, d=4)
@@ -313,6 +344,8 @@ def test_support_table_marks_only_complete_families():
     fallback = every | {"fast": "falls back to TransformerLens's block: parallel_attn_mlp (x)"}
     assert table.cell(fallback)[0] == "✓" and "parallel_attn_mlp" in table.cell(fallback)[1]
     assert table.fast_cell(fallback) == "TL's block (parallel_attn_mlp)"
+    no_half = every | {"half": "model: ... in torch.bfloat16 ... TransformerLens 3"}
+    assert table.cell(no_half)[0] == "✓ (float32/64 only)" and "bfloat16" in table.cell(no_half)[1]
     no_gen = {k: v for k, v in every.items() if k != "generate"}
     assert table.cell(no_gen)[0] == "✗ failed: generate"
     refused = {"support": "model: ... PhiForCausalLM ... TransformerLens 3"}

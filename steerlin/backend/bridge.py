@@ -60,6 +60,16 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma2ForCausalLM",
 )
 
+#: verified architectures TransformerLens 4.3's bridge cannot run in half precision without a
+#: K/V cache (steerlin's forwards): architecture -> what fails
+HALF_PRECISION_UNSUPPORTED = {
+    "Olmo2ForCausalLM": (
+        "without a K/V cache TransformerLens 4.3's attention bridge multiplies OLMo-2's "
+        "float32 attention weights (after its full-width q/k-norm) with half-precision "
+        "values, a dtype error"
+    ),
+}
+
 #: transformers release from which decoder layers hand their attention the K/V cache as `cache=`
 #: (before: `past_key_values=`); TransformerLens 4.3's attention bridges read only the old
 #: names, so the cache stays empty and cached generation silently ignores the prompt unless the
@@ -79,8 +89,16 @@ def architecture(model: TransformerBridge) -> str:
 
 
 def check_architecture(model: TransformerBridge) -> None:
-    """UnsupportedArchitectureError naming the architecture unless it is one steerlin tests."""
+    """UnsupportedArchitectureError naming the architecture unless it is one steerlin tests (or
+    naming the feature, for a verified architecture in a dtype the bridge cannot run)."""
     arch = architecture(model)
+    dtype = getattr(model.cfg, "dtype", None)
+    if arch in HALF_PRECISION_UNSUPPORTED and dtype in (torch.bfloat16, torch.float16):
+        raise UnsupportedArchitectureError(
+            f"model: {arch} in {dtype} is not supported by steerlin's TransformerBridge backend: "
+            f"{HALF_PRECISION_UNSUPPORTED[arch]}; load it in float32, or use TransformerLens 3 "
+            "(pip install 'steerlin[tl3]'), where steerlin drives it in half precision"
+        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"model: steerlin's TransformerBridge backend (TransformerLens 4) is not verified on "
@@ -520,6 +538,7 @@ def _hf_config(model: TransformerBridge) -> Any:
 
 
 __all__ = [
+    "HALF_PRECISION_UNSUPPORTED",
     "SUPPORTED_ARCHITECTURES",
     "BridgeBackend",
     "TransformerBridge",

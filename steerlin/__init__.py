@@ -9,6 +9,7 @@ included).
 
 from . import predictors  # where to steer without generating
 from .backend import check_model, count_hooks
+from .budget import KLCalibration, size_to_kl
 from .control import Controller
 from .data import TASKS, LabelledPrompts, Splits, Task, load_demo_task, load_task
 from .directions import ConceptDirections
@@ -39,6 +40,7 @@ __all__ = [
     "Controller",
     "Fidelity",
     "FrozenContext",
+    "KLCalibration",
     "LabelledPrompts",
     "Metric",
     "Readout",
@@ -69,5 +71,6 @@ __all__ = [
     "neutral_stems",
     "predictors",
     "scan_gains",
+    "size_to_kl",
     "steer",
 ]

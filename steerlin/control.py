@@ -22,6 +22,7 @@ from jaxtyping import Float
 
 from .energy import least_norm, make_metric
 from .errors import InputError, LayerError, ShapeError, SteerlinError
+from .gain_model import GainModel
 from .linalg import gains_from_reduced
 from .schedule import Schedule
 from .targets import resolve_target
@@ -60,6 +61,12 @@ class Controller:
     Without a surrogate: `Controller.from_gains(h, directions, target)` takes measured gains,
     e.g. `steerlin.exact_gains` (one backward pass), since least-norm needs only h.
 
+    KL budget (`steerlin.budget`): `Controller(sur, kl=0.1)` keeps the schedule's direction
+    (the target's sign) and sizes its amplitude in `calibrate` so that the predicted mean
+    per-token KL (nats) along the calibration prompts' continuations, in the regime of use,
+    equals `kl`: from the first-order Fisher of the injection (JVPs of full teacher-forced
+    forwards), no bisection; `kl_stat="p95"` budgets the 95th percentile instead.
+
     Args:
         surrogates: a Surrogate or a list of them (same model).
         target: per concept, class separations (or a label name), or raw units with
@@ -71,6 +78,8 @@ class Controller:
         model, metric_prompts: for metric="kl" (default prompts: none; give neutral text or
             the operating prompts).
         seed: for the "random" baseline.
+        kl: a KL budget (positive, nats per token) instead of a readout shift, or None.
+        kl_stat: "mean" (default) or "p95" of the per-token KL along the rollouts.
     """
 
     def __init__(
@@ -85,7 +94,11 @@ class Controller:
         model=None,
         metric_prompts=None,
         seed: int = 0,
+        kl=None,
+        kl_stat: str = "mean",
     ):
+        from .budget import check_budget, check_stat
+
         single = not isinstance(surrogates, list | tuple)
         self.surrogates = [surrogates] if single else list(surrogates)
         if not self.surrogates:
@@ -93,6 +106,10 @@ class Controller:
         for i, s in enumerate(self.surrogates):
             check_surrogate("surrogates" if single else f"surrogates[{i}]", s)
         seed = check_int("seed", seed)
+        self.kl = None if kl is None else check_budget("kl", kl)
+        self.kl_stat = check_stat("kl_stat", kl_stat)
+        if self.kl is not None and not single:
+            raise InputError("kl: a KL budget sizes one concept at a time")
         self.single = single
         k = len(self.surrogates)
         L = self.surrogates[0].n_layers
@@ -239,6 +256,8 @@ class Controller:
         readout=None,
         tol: float | None = None,
         batch_size: int = 16,
+        correct: bool = False,
+        fisher=None,
     ) -> Controller:
         """Calibrate this Controller on the full model in the regime of use.
 
@@ -255,6 +274,10 @@ class Controller:
         for one release, with a DeprecationWarning, and will then mean the last-token forward.
 
         The one calibration, `steerlin.measure.calibrate` (tol None: its default `TOL`).
+        With a KL budget (`kl=`), `steerlin.budget.size_to_kl` instead: the multiplier from the
+        Fisher of the injection on `prompts`, no bisection (`correct`: one measured steered run
+        and one rescale; `fisher`: a `RegimeFisher` already computed on these prompts);
+        `calibration` is then a `KLCalibration` (predicted and measured KL side by side).
         Calibrates in place (`calibration` holds the `Calibration` and `apply` uses it) and
         returns self, so `ctrl = ctrl.calibrate(...)` and a bare `ctrl.calibrate(...)` agree.
         """
@@ -275,6 +298,22 @@ class Controller:
         regime = _regime_of(positions)
         if regime == "generated" and int(n_tokens) == 0:
             regime = "last"
+        if self.kl is not None:
+            from .budget import size_to_kl
+
+            self.calibration = size_to_kl(
+                model,
+                prompts,
+                self.schedule if schedule is None else schedule,
+                self.kl,
+                stat=self.kl_stat,
+                positions=regime,
+                n_tokens=max(int(n_tokens), 1),
+                correct=correct,
+                fisher=fisher,
+            )
+            self._apply_positions = positions
+            return self
         cal = calibrate(
             model,
             prompts,
@@ -485,61 +524,6 @@ class Controller:
             )
         a = torch.linalg.solve(Gw, self.target)  # [k]
         return self._make(a[:, None] * pattern[None], kind)
-
-
-class GainModel:
-    """What a Controller reads from a Surrogate, built from measured gains (`from_gains`).
-
-    gains: Float[L]; P: Float[L+1, H, 1] (unit_l per layer, then the concept readout
-    direction); meta: scale_l, the class separation, label names and the readout kind.
-    No reduced dynamics: cross-gains between concepts must come as `coupling=`.
-    """
-
-    def __init__(self, gains, P, meta):
-        self.gains, self.P, self.meta = gains, P, meta
-        self.n_layers = int(gains.shape[0])
-
-    @classmethod
-    def build(cls, gains, directions, readout="concept") -> GainModel:
-        unit = getattr(directions, "unit", None)
-        if unit is None or getattr(directions, "scale", None) is None:
-            raise InputError(
-                "directions: expected steerlin.ConceptDirections (unit, scale per layer), got "
-                f"{type(directions).__name__}"
-            )
-        L = unit.shape[0] - 1
-        h = torch.as_tensor(gains).detach().to("cpu", F64)
-        if h.ndim != 1 or h.shape[0] != L:
-            raise ShapeError(f"gains: expected shape [{L}] (one per layer), got {tuple(h.shape)}")
-        if not torch.isfinite(h).all():
-            raise InputError("gains: expected finite values, got NaN or inf")
-        kind = readout if isinstance(readout, str) else getattr(readout, "kind", None)
-        if kind == "concept":
-            rd_dir = unit[-1].detach().to("cpu", F64)
-            sep = float(rd_dir @ directions.vectors[-1].detach().to("cpu", F64))
-            rd_meta = {"kind": "concept", "pos_token": None, "neg_token": None}
-        elif kind == "logits" and not isinstance(readout, str):
-            rd_dir = torch.zeros(unit.shape[1], dtype=F64)
-            sep = directions.separation(readout)
-            rd_meta = readout.to_meta()
-        else:
-            raise InputError(
-                f"readout: expected 'concept' or a steerlin Readout, got {readout!r} (for a "
-                "logit readout pass the Readout object, steerlin.readouts.make_readout)"
-            )
-        P = torch.cat([unit[:L].detach().to("cpu", F64), rd_dir[None]])[:, :, None]
-        meta = {k: directions.meta[k] for k in ("model_name",) if k in directions.meta} | {
-            "n_layers": L,
-            "d_model": int(unit.shape[1]),
-            "readout": rd_meta,
-            "scale": directions.scale.detach().to("cpu", F64).tolist(),
-            "separation": None
-            if sep is None
-            else {"value": sep, "readout": rd_meta["kind"], "split": "concept", "plus": "label 1"},
-            "label_names": list(directions.meta.get("label_names", ["label 0", "label 1"])),
-            "gains_source": "measured",
-        }
-        return cls(h, P, meta)
 
 
 def _regime_of(positions) -> str:

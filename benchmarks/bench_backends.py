@@ -56,7 +56,10 @@ def run(args) -> dict:
     exact = step("exact_gains", lambda: exact_gains(model, ops, dirs))
     scan = step("scan_gains", lambda: scan_gains(model, ops[: max(2, n // 2)], dirs))
     ctrl = Controller(sur, 1.0)
-    cal = step("calibrate", lambda: calibrate(model, ops[:2], ctrl.schedule, float(ctrl.target[0])))
+    cal = step(
+        "calibrate",
+        lambda: calibrate(model, ops[:2], ctrl.schedule, float(ctrl.target[0]), units="raw"),
+    )
     gen = step("generate steered 4x10", lambda: generate(model, ops[:4], 10, ctrl))
     out["rows"] = rows
     # the numbers, for the cross-backend agreement (--compare)

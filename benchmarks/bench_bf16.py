@@ -79,7 +79,7 @@ def child(args) -> None:
     ctrl = Controller.from_gains(g_ref, dirs, 1.0)
     target = float(ctrl.target[0])
     cal, t["calibrate_s"], t["calibrate_cpu_s"] = C.timed(
-        lambda: calibrate(model, ev, ctrl.schedule, target)
+        lambda: calibrate(model, ev, ctrl.schedule, target, units="raw")
     )
     out.update(t)
     out["peak_steerlin_mib"] = C.peak_rss_mib()

@@ -42,7 +42,9 @@ def main() -> None:
         dirs = steerlin.ConceptDirections.fit(model, sp.concept.texts, sp.concept.labels)
         sur = steerlin.Surrogate.fit(model, sp.operating.texts, dirs, d=args.d)
         target = separation(model, sp.eval.texts, sp.eval.labels, dirs)["half_separation"]
-        rows = steerlin.compare_energy(model, sp.eval.texts, sur, target, n_random=args.n_random)
+        rows = steerlin.compare_energy(
+            model, sp.eval.texts, sur, target, units="raw", n_random=args.n_random
+        )
         out[name] = {"target": target, "rows": rows}
         print(f"\n{name}: target {target:+.1f} (0.5 x class-mean separation)")
         print(md_table(rows, COLUMNS))

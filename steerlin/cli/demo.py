@@ -191,7 +191,7 @@ def _demo_generation(run, model, sur, args) -> None:
             continue
         cal = ctrl.calibration
         with run.timed("generate"):
-            steered = generate(model, prompts, args.max_new_tokens, ctrl, positions="last")
+            steered = generate(model, prompts, args.max_new_tokens, ctrl, positions="generated")
         nll = float(continuation_scores(model, steered)["nll"].mean())
         tg = ctrl.targets[0]
         key = f"{sign * t:+g} ({tg.label_plus if sign > 0 else tg.label_minus})"

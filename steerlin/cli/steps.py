@@ -210,6 +210,7 @@ def _energy(run: Run, model, prompts, surrogate, target, args, *, label: str = "
             prompts,
             surrogate,
             target,
+            units="raw",
             baselines=baselines,
             n_random=args.n_random,
             layers=parse_layers(getattr(args, "layers", None), surrogate.n_layers),

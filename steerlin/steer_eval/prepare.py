@@ -63,6 +63,7 @@ def calibrated(ev: Evaluation, s: Strategy, x: Inputs) -> tuple[dict, None]:
                         x.cal_cont,
                         sched,
                         target,
+                        units="raw",
                         readout=x.readout,
                         positions="generated",
                         n_tokens=x.calibration_tokens,

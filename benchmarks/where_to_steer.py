@@ -16,7 +16,8 @@ Spearman across layers with the judged effect and by the judged effect at its to
 the best layer's.
 Writes benchmarks/results/where_to_steer_<task>[_<model>][<tag>].json and docs/img/ likewise
 (.png). `--rescore` keeps a result file's judged sweep and recomputes the predictors and scores
-(minutes instead of the sweep's half hour).
+(minutes instead of the sweep's half hour). `--reliability` (alone) computes the split-half
+reliability of the judged curves from the saved 1-seed and 3-seed sweeps (no model run).
 """
 
 from __future__ import annotations
@@ -268,5 +269,74 @@ def main() -> None:
     score_and_write(res, out, img, title, log)
 
 
+RELIABILITY_RUNS = [  # (label, result-file stem, KL level): each has a 1-seed and a 3-seed file
+    ("Gemma-3-270m SST-2", "sst2", "0.1"),
+    ("Gemma-3-270m SST-2", "sst2", "0.3"),
+    ("Gemma-3-270m hate", "hate", "0.1"),
+    ("SmolLM2-135M SST-2", "sst2_smollm2-135m", "0.1"),
+    ("SmolLM2-135M hate", "hate_smollm2-135m", "0.1"),
+]
+
+
+def reliability(log) -> dict:
+    """Split-half reliability of the judged per-layer curve from the saved sweeps, no model run.
+
+    The 3-seed sweep's curve is the mean over the 36 held-out stems; the 1-seed sweep (same
+    settings, its own bisected amplitudes, within the 5% bisection tolerance of the 3-seed
+    ones) judged the first 12 of them. Halves: those 12 stems, and the other 24 recovered as
+    (3·mean36 − mean12)/2; `predictors.split_half_reliability` (Spearman-Brown, unequal
+    halves). Each predictor's Spearman with the 36-stem curve is then set beside the ceiling
+    sqrt(reliability) and as a fraction of it."""
+    res_dir = ROOT / "benchmarks" / "results"
+    out, lines = {}, []
+    lines.append(
+        "| setting | KL | r (12 vs 24 stems) | reliability (36) | ceiling √rel | predictor: "
+        "ρ (fraction of ceiling) |"
+    )
+    lines.append("|---|---|---|---|---|---|")
+    for label, stem, k in RELIABILITY_RUNS:
+        one_name = (
+            f"where_to_steer_{stem}.json" if k == "0.1" else f"where_to_steer_{stem}_kl{k}.json"
+        )
+        one = json.loads((res_dir / one_name).read_text())
+        three = json.loads((res_dir / f"where_to_steer_{stem}_3seeds.json").read_text())
+        s12 = np.array(one["judged"][k]["delta"], dtype=float)
+        m36 = np.array(three["judged"][k]["delta"], dtype=float)
+        rest = (3 * m36 - s12) / 2
+        amp = np.abs(np.array(one["judged"][k]["amp"]) / np.array(three["judged"][k]["amp"]) - 1)
+        rel = pr.split_half_reliability(s12, rest, 12, 24)
+        rel["amplitude_mismatch_max"] = float(np.nanmax(amp))
+        scores = {
+            n: {
+                "spearman": v["spearman"],
+                "fraction_of_ceiling": v["spearman"] / rel["ceiling"] if rel["ceiling"] else None,
+            }
+            for n, v in three["scores"][k].items()
+        }
+        out[f"{stem}@{k}"] = {"setting": label, "kl": k, **rel, "scores": scores}
+        cells = "; ".join(
+            f"{n} {v['spearman']:+.2f} ({v['fraction_of_ceiling']:+.2f})"
+            if v["fraction_of_ceiling"] is not None
+            else f"{n} {v['spearman']:+.2f}"
+            for n, v in scores.items()
+        )
+        lines.append(
+            f"| {label} | {k} | {rel['r_halves']:+.2f} | {rel['reliability']:.2f} "
+            f"| {rel['ceiling']:.2f} | {cells} |"
+        )
+    table = "\n".join(lines)
+    log(table)
+    res = {"method": reliability.__doc__, "runs": out, "table": table}
+    path = res_dir / "where_to_steer_reliability.json"
+    path.write_text(json.dumps(res, indent=1))
+    log(f"wrote {path}")
+    return res
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--reliability" in sys.argv:
+        reliability(lambda m: print(m, flush=True))
+    else:
+        main()

@@ -65,18 +65,22 @@ def kl_stat(kl: torch.Tensor, stat: str) -> float:
     return float(kl.mean() if stat == "mean" else torch.quantile(kl, 0.95))
 
 
-def _fisher_tokens(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _fisher_tokens(model, x: torch.Tensor, t: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Per-position F_i = RᵢᵀGᵢRᵢ [N, L, L]: x [N, H] clean final states, t [N, L, H] the
-    tangents of x per injection layer (through the final norm, unembedding and soft-cap)."""
+    tangents of x per injection layer (through the final norm, unembedding and soft-cap),
+    `chunk` positions per vectorised JVP."""
     N, L = t.shape[:2]
     out = torch.zeros(N, L, L, dtype=F64)
     f = lambda y: full_logits(model, y)
-    for i in range(N):
-        z, R = torch.func.vmap(lambda v: torch.func.jvp(f, (x[i],), (v,)), out_dims=(None, 0))(t[i])
-        pi = torch.softmax(z.to(F64), -1)
-        R = R.to(F64)  # [L, V]
-        m = R @ pi
-        out[i] = ((R * pi) @ R.T - torch.outer(m, m)).cpu()
+    per_layer = lambda y, ts: torch.func.vmap(lambda v: torch.func.jvp(f, (y,), (v,)))(ts)
+    for s in range(0, N, chunk):
+        z, R = torch.func.vmap(per_layer)(x[s : s + chunk], t[s : s + chunk])
+        z = z[:, 0]  # the same clean logits for every tangent
+        pi = torch.softmax(z.to(F64), -1)  # [c, V]
+        R = R.to(F64)  # [c, L, V]
+        m = torch.einsum("clv,cv->cl", R, pi)
+        G = torch.einsum("clv,cv,cmv->clm", R, pi, R) - m[:, :, None] * m[:, None, :]
+        out[s : s + chunk] = G.cpu()
     return 0.5 * (out + out.transpose(1, 2))
 
 
@@ -134,6 +138,8 @@ class RegimeFisher:
         positions: the position policy ("generated" by default).
         n_new: measured positions per prompt.
         n_prompts: prompts.
+        clean: Float[n_prompts, n_new, H] the unsteered final states at the measured positions
+            (the forwards' primal, what `final_states` returns; the baseline of a measured KL).
     """
 
     F: torch.Tensor
@@ -141,6 +147,7 @@ class RegimeFisher:
     positions: str
     n_new: int
     n_prompts: int
+    clean: torch.Tensor | None = None
 
     def token_kl(self, u) -> Float[torch.Tensor, " N"]:
         """Predicted per-token KL ½uᵀF_i u of amplitudes u [L] (first order)."""
@@ -183,19 +190,20 @@ def regime_fisher(
     n_new = cont.n_new if n_new is None else check_int("n_new", n_new, min=1)
     n_meas = 1 if positions == "last" else n_new
     bm = b.to(model.cfg.device, model.cfg.dtype)
-    Fs = []
+    Fs, xs = [], []
     for s in range(0, len(cont), batch_size):
         sub = cont.subset(range(s, min(s + batch_size, len(cont))))
         tokens, plen, tlen = batch_tokens(model, sub, max(n_new - 1, 0))
         steer, meas = position_masks(positions, plen, tlen, tokens.shape[1], n_meas)
         x, t = _tangent_forward(model, tokens, steer, meas, bm)  # [B, n, H], [B, L, n, H]
+        xs.append(x)
         x = x.reshape(-1, x.shape[-1])
         t = t.permute(0, 2, 1, 3).reshape(-1, L, t.shape[-1])  # [B*n, L, H]
         Fs.append(_fisher_tokens(model, x, t))
     F = torch.cat(Fs)
     if not torch.isfinite(F).all():
         raise InputError("regime_fisher: non-finite Fisher (the model's logits overflow?)")
-    return RegimeFisher(F, b.to("cpu", F64), positions, n_meas, len(cont))
+    return RegimeFisher(F, b.to("cpu", F64), positions, n_meas, len(cont), torch.cat(xs))
 
 
 def measured_token_kl(
@@ -206,10 +214,12 @@ def measured_token_kl(
     positions: str = "generated",
     n_new: int | None = None,
     batch_size: int = 8,
+    clean: torch.Tensor | None = None,
 ) -> Float[torch.Tensor, " N"]:
-    """Measured per-token KL(clean ‖ steered) at the measured positions (prompt-major)."""
+    """Measured per-token KL(clean ‖ steered) at the measured positions (prompt-major);
+    `clean`: the unsteered `final_states` already computed (same policy and n_new)."""
     kw = dict(positions=positions, n_new=n_new, batch_size=batch_size)
-    x0 = final_states(model, cont, None, **kw)
+    x0 = final_states(model, cont, None, **kw) if clean is None else clean
     x1 = final_states(model, cont, vectors, **kw)
     return logit_kl(model, x0, x1).reshape(-1)
 
@@ -308,7 +318,8 @@ def size_to_kl(
         b = schedule.unit.to(F64) * schedule.scale.to(F64)[:, None]
         if fisher.b.shape != b.shape or not torch.allclose(fisher.b, b, rtol=1e-5, atol=0):
             raise InputError("fisher: computed along other directions than this schedule's")
-        if fisher.positions != positions or fisher.n_prompts != len(cont):
+        same = fisher.n_new == (1 if positions == "last" else n_new)
+        if fisher.positions != positions or fisher.n_prompts != len(cont) or not same:
             raise InputError("fisher: computed in another regime or on other prompts")
     u = schedule.amplitudes.to(F64)
     q = fisher.token_kl(u)
@@ -319,7 +330,8 @@ def size_to_kl(
     predicted = {s: a * a * kl_stat(q, s) for s in STATS}
     measured, corr, evals = None, None, 0
     if correct:
-        tk = measured_token_kl(model, cont, a * schedule.vectors, positions=positions, n_new=n_new)
+        kw = dict(positions=positions, n_new=n_new, clean=fisher.clean)
+        tk = measured_token_kl(model, cont, a * schedule.vectors, **kw)
         measured = {s: kl_stat(tk, s) for s in STATS}
         evals = 1
         if measured[stat] > 0:

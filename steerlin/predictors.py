@@ -164,7 +164,48 @@ def score_predictors(predictors: dict, judged) -> dict[str, dict]:
     return out
 
 
+def split_half_reliability(half_a, half_b, n_a: int, n_b: int) -> dict[str, float]:
+    """Reliability of a per-layer curve measured as the mean over n_a + n_b stems, from two
+    disjoint halves of it (means over n_a and n_b stems) (Spearman-Brown).
+
+    r = Spearman(half_a, half_b) across layers (NaN layers left out). Classical test theory:
+    a mean over k stems has reliability ρ_k = kρ/(1 + (k−1)ρ) (ρ: one stem's), and two
+    disjoint means correlate at sqrt(ρ_{n_a} ρ_{n_b}); ρ is solved from r, and the full curve's
+    reliability is ρ_{n_a+n_b} (equal halves: the usual 2r/(1+r)). The highest correlation a
+    noiseless predictor can reach with the measured full curve is sqrt(ρ_{n_a+n_b})
+    ("ceiling"). r ≤ 0 gives reliability 0."""
+    from scipy.optimize import brentq
+    from scipy.stats import spearmanr
+
+    a = torch.as_tensor(half_a, dtype=F64)
+    b = torch.as_tensor(half_b, dtype=F64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ShapeError(f"half_b: expected shape {tuple(a.shape)}, got {tuple(b.shape)}")
+    if min(n_a, n_b) < 1:
+        raise InputError(f"n_a, n_b: expected positive stem counts, got {n_a}, {n_b}")
+    ok = ~(torch.isnan(a) | torch.isnan(b))
+    r = float(spearmanr(a[ok].numpy(), b[ok].numpy())[0])
+    sb = lambda rho, k: k * rho / (1 + (k - 1) * rho)
+    if not r > 0:
+        rho = 0.0
+    elif r >= 1:
+        rho = 1.0
+    else:
+        rho = brentq(lambda x: (sb(x, n_a) * sb(x, n_b)) ** 0.5 - r, 1e-12, 1 - 1e-12)
+    full = sb(rho, n_a + n_b)
+    return {
+        "r_halves": r,
+        "n_a": int(n_a),
+        "n_b": int(n_b),
+        "reliability": float(full),
+        "ceiling": float(full**0.5),
+        "per_stem": float(rho),
+        "n_layers": int(ok.sum()),
+    }
+
+
 __all__ = [
+    "split_half_reliability",
     "gain_curve",
     "gain_per_kl",
     "logit_lens_accuracy",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -156,23 +156,32 @@ def _is_cache(obj: Any) -> bool:
     return isinstance(obj, Cache)
 
 
+def _map_nested(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`leaf` applied to everything in nested tuples, lists and dicts (the block arguments),
+    the nesting kept."""
+    if isinstance(value, tuple):
+        return tuple(_map_nested(v, leaf) for v in value)
+    if isinstance(value, list):
+        return [_map_nested(v, leaf) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_nested(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 def _freeze_arg(value: Any, batch: int) -> Any:
     """A recorded block argument made replayable: caches dropped, masks cut to one row."""
-    if _is_cache(value):
-        return None
-    if torch.is_tensor(value):
-        value = value.detach()
-        # 4-D attention masks [b, 1, T, T]: identical rows under an all-ones mask, right padding
-        if value.ndim == 4 and value.shape[0] == batch and batch > 1:
-            value = value[:1]
-        return value
-    if isinstance(value, tuple):
-        return tuple(_freeze_arg(v, batch) for v in value)
-    if isinstance(value, list):
-        return [_freeze_arg(v, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _freeze_arg(v, batch) for k, v in value.items()}
-    return value
+
+    def leaf(v: Any) -> Any:
+        if _is_cache(v):
+            return None
+        if torch.is_tensor(v):
+            v = v.detach()
+            # 4-D attention masks [b, 1, T, T]: identical rows (all-ones mask, right padding)
+            if v.ndim == 4 and v.shape[0] == batch and batch > 1:
+                v = v[:1]
+        return v
+
+    return _map_nested(value, leaf)
 
 
 class _Layouts:
@@ -258,15 +267,9 @@ def _call_block(
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors (masks, rotary cos/sin) in nested arguments cast to `dtype`."""
-    if torch.is_tensor(value):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_cast_floats(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [_cast_floats(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    return value
+    return _map_nested(
+        value, lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+    )
 
 
 def _upcast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

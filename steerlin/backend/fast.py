@@ -213,6 +213,25 @@ def _w(model: HookedTransformer, kv: FastKV, layer: int) -> _LayerWeights:
     return kv.upcast.derived(layer, "fast_weights", lambda blk: fuse_weights(blk, H))
 
 
+def _heads(model: HookedTransformer, kv: FastKV, layer: int) -> tuple:
+    """What `attention` and its JVP read for block `layer`: (attention module, fused weights,
+    context keys and values [b, kvh, T, dh], query heads nh, kv heads kvh, query heads per kv
+    head g, head size dh, context length T)."""
+    K, V = kv.keys[layer], kv.values[layer]
+    nh, kvh = model.cfg.n_heads, K.shape[1]
+    attn = _blk(model, kv, layer).attn
+    return attn, _w(model, kv, layer), K, V, nh, kvh, nh // kvh, model.cfg.d_head, K.shape[2]
+
+
+def _split_heads(qkv: torch.Tensor, nh: int, kvh: int, dh: int) -> tuple:
+    """A fused projection [..., (nh + 2 kvh) dh] -> q [..., nh, dh], k and v [..., kvh, dh]."""
+    return (
+        qkv[..., : nh * dh].unflatten(-1, (nh, dh)),
+        qkv[..., nh * dh : (nh + kvh) * dh].unflatten(-1, (kvh, dh)),
+        qkv[..., (nh + kvh) * dh :].unflatten(-1, (kvh, dh)),
+    )
+
+
 def merge(parts: Sequence[FastKV]) -> FastKV:
     """One FastKV from per-block ones (part l holds block l; built one block at a time)."""
     L = len(parts)
@@ -365,17 +384,10 @@ def attention(
     key/value (computed from h) is the last softmax column.
     """
     cfg = model.cfg
-    attn = _blk(model, kv, layer).attn
-    w = _w(model, kv, layer)
+    attn, w, K, V, nh, kvh, g, dh, T = _heads(model, kv, layer)  # K, V: [b, kvh, T, dh]
     b, k, _ = h.shape
-    nh, dh = cfg.n_heads, cfg.d_head
-    K, V = kv.keys[layer], kv.values[layer]  # [b, kvh, T, dh]
-    kvh, T = K.shape[1], K.shape[2]
-    g = nh // kvh
-    qkv = h @ w.W_qkv + w.b_qkv  # [b, k, (nh + 2 kvh) dh]
-    q = qkv[..., : nh * dh].unflatten(-1, (nh, dh))  # [b, k, nh, dh]
-    k_new = qkv[..., nh * dh : (nh + kvh) * dh].unflatten(-1, (kvh, dh))  # [b, k, kvh, dh]
-    v_new = qkv[..., (nh + kvh) * dh :].unflatten(-1, (kvh, dh))  # [b, k, kvh, dh]
+    # q [b, k, nh, dh]; the states' own key and value [b, k, kvh, dh]
+    q, k_new, v_new = _split_heads(h @ w.W_qkv + w.b_qkv, nh, kvh, dh)
     if cfg.use_qk_norm:
         q = _norm(attn.q_norm, q)
         k_new = _norm(attn.k_norm, k_new)
@@ -487,23 +499,10 @@ def _attention_jvp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attention() for h [b, 1, H] and its derivative along dh [b, k, H]."""
     cfg = model.cfg
-    attn = _blk(model, kv, layer).attn
-    w = _w(model, kv, layer)
+    attn, w, K, V, nh, kvh, g, dh_, T = _heads(model, kv, layer)  # K, V: [b, kvh, T, dh]
     b, k, _ = dh.shape
-    nh, dh_ = cfg.n_heads, cfg.d_head
-    K, V = kv.keys[layer], kv.values[layer]  # [b, kvh, T, dh]
-    kvh, T = K.shape[1], K.shape[2]
-    g = nh // kvh
-    qkv, dqkv = h @ w.W_qkv + w.b_qkv, dh @ w.W_qkv
-
-    def split(t):
-        return (
-            t[..., : nh * dh_].unflatten(-1, (nh, dh_)),
-            t[..., nh * dh_ : (nh + kvh) * dh_].unflatten(-1, (kvh, dh_)),
-            t[..., (nh + kvh) * dh_ :].unflatten(-1, (kvh, dh_)),
-        )
-
-    (q, kn, vn), (dq, dkn, dvn) = split(qkv), split(dqkv)
+    q, kn, vn = _split_heads(h @ w.W_qkv + w.b_qkv, nh, kvh, dh_)
+    dq, dkn, dvn = _split_heads(dh @ w.W_qkv, nh, kvh, dh_)
     if cfg.use_qk_norm:
         q, dq = _norm_jvp(attn.q_norm, q, dq)
         kn, dkn = _norm_jvp(attn.k_norm, kn, dkn)

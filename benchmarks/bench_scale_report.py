@@ -76,6 +76,7 @@ def size_row(r: dict) -> dict:
         "verdict_fit_rss": fit_rss - w_gib <= GOAL_RSS_EXTRA_GIB,
         "verdict_gen": gen["overhead_cpu"] <= GOAL_GEN,
         "compute_params": r["params_compute"],
+        "d_model": r["d_model"],
         "load": r.get("loadavg_start", [None])[0],
     }
 
@@ -114,6 +115,23 @@ def lstsq_loglog(xs: list[float], ys: list[float]) -> dict:
     }
 
 
+def fit_two_term(rs: list[dict]) -> dict:
+    """fit CPU s = alpha · (compute params x token-forwards) + beta · L·H³ (the per-layer H x H
+    eigendecompositions), linear least squares; residuals as measured / fitted."""
+    import numpy as np
+
+    A = np.array([[r["compute_params"] * r["fit_tokfwd"], r["L"] * r["d_model"] ** 3] for r in rs])
+    y = np.array([r["fit_cpu_s"] for r in rs])
+    (alpha, beta), *_ = np.linalg.lstsq(A, y, rcond=None)
+    fitted = A @ np.array([alpha, beta])
+    return {
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "residual_factors": [float(v) for v in y / fitted],
+        "eig_share": [float(beta * a[1] / f) for a, f in zip(A, fitted, strict=True)],
+    }
+
+
 def cost_models(rows: list[dict]) -> dict:
     """Per dtype and stage: CPU seconds vs compute parameters x token-forwards (1 thread)."""
     out = {}
@@ -132,6 +150,7 @@ def cost_models(rows: list[dict]) -> dict:
             for k in ("directions", "exact", "fit", "scan")
         ]
         out[f"{dt}/pooled"] = lstsq_loglog([p[0] for p in pooled], [p[1] for p in pooled])
+        out[f"{dt}/fit_two_term"] = fit_two_term(rs)
     return out
 
 
@@ -353,6 +372,13 @@ def report(quick: bool = False) -> dict:
         print(md(pairs, cols))
     print("\ncost model: CPU s = k (compute params x token-forwards)^b")
     for key, m in models.items():
+        if "two_term" in key:
+            print(
+                f"  {key}: alpha={m['alpha']:.3g} beta={m['beta']:.3g} residual factors "
+                f"{[round(f, 2) for f in m['residual_factors']]} eig share "
+                f"{[round(f, 2) for f in m['eig_share']]}"
+            )
+            continue
         print(
             f"  {key}: k={m['k']:.3g} b={m['b']:.3f} rms log residual {m['rms_log_residual']:.3f} "
             f"residual factors {[round(f, 2) for f in m['residual_factors']]}"

@@ -44,6 +44,9 @@ demo: setup
 	$(VENV)/bin/steerlin demo --threads $(THREADS)
 
 test: test-tl3 test-tl4
+	# the support table regenerated from this run's architecture matrix (both legs wrote
+	# arch_matrix_tl{3,4}.json to $(REF_DIR)) must be the committed one: diff and exit 1 if not
+	$(PY) scripts/support_table.py --from $(REF_DIR) --check
 
 test-tl3: setup
 	$(VENV)/bin/ruff check .

@@ -10,13 +10,21 @@ the error steerlin raises; a family with a missing check shows which (a failed t
 
     python scripts/support_table.py               # run the matrix in .venv and .venv-tl4 first
     python scripts/support_table.py --from DIR    # read DIR/arch_matrix_tl{3,4}.json
+    python scripts/support_table.py --from DIR --check   # CI: exit 1 with a diff if the
+                                                         # committed files differ
+
+--check compares what would be written with docs/support.md and the README section and writes
+nothing. The installed versions named in docs/support.md are left out of the comparison (a
+new transformers release is not a change of support; a note says when they differ).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -123,9 +131,15 @@ def versions(data: dict[str, dict]) -> str:
     )
 
 
-def write(data: dict[str, dict]) -> None:
+def _summary(data: dict[str, dict], counts: dict[str, int]) -> str:
+    return ", ".join(f"{counts[l]} of {len(data[l]['families'])} ✓ on {LINES[l]}" for l in data)
+
+
+def render(data: dict[str, dict]) -> dict[Path, str]:
+    """What the script writes: path -> full text (docs/support.md, and README.md when it has
+    the markers)."""
     table, details, counts = tables(data)
-    summary = ", ".join(f"{counts[l]} of {len(data[l]['families'])} ✓ on {LINES[l]}" for l in data)
+    summary = _summary(data, counts)
     checks = "\n".join(f"{i}. {text}" for i, text in enumerate(CHECKS.values(), 1))
     doc = f"""# Supported model families
 
@@ -150,7 +164,7 @@ TransformerLens's own block (the same numbers, slower).
 
 {details}
 """
-    (ROOT / "docs" / "support.md").write_text(doc)
+    out = {ROOT / "docs" / "support.md": doc}
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START in text and END in text:
@@ -160,19 +174,72 @@ TransformerLens's own block (the same numbers, slower).
             f"{START}\n{table}\n\n{summary}; written by `scripts/support_table.py` from "
             f"tests/test_arch_matrix.py (details: docs/support.md).\n{END}"
         )
-        readme.write_text(pre + section + post)
-    else:
+        out[readme] = pre + section + post
+    return out
+
+
+def write(data: dict[str, dict]) -> None:
+    files = render(data)
+    for path, text in files.items():
+        path.write_text(text)
+    if ROOT / "README.md" not in files:
         print("README.md has no support-table markers: only docs/support.md written")
+    table, _, counts = tables(data)
     print(table)
-    print(summary)
+    print(_summary(data, counts))
+
+
+_VERSIONS = re.compile(r" Versions: [^\n]*")
+
+
+def check(data: dict[str, dict]) -> int:
+    """0 when the committed files say what `data` says (versions aside), else 1 with a diff."""
+    status = 0
+    for path, want in render(data).items():
+        have = path.read_text() if path.exists() else ""
+        if _VERSIONS.sub("", have) == _VERSIONS.sub("", want):
+            if have != want:
+                print(
+                    f"note: {path.relative_to(ROOT)} names other installed versions (not checked)"
+                )
+            continue
+        status = 1
+        name = str(path.relative_to(ROOT))
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                have.splitlines(keepends=True),
+                want.splitlines(keepends=True),
+                f"{name} (committed)",
+                f"{name} (from the matrix results)",
+            )
+        )
+    if status:
+        print(
+            "\nThe support table differs from this run's matrix results: regenerate it with "
+            "`python scripts/support_table.py` (or --from DIR) and commit it."
+        )
+    return status
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--from", dest="folder", type=Path, help="read results from this folder")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff if docs/support.md or the README section differ",
+    )
     args = ap.parse_args(argv)
+    if args.check and args.folder is None:
+        ap.error("--check needs --from DIR (the results of a test run)")
     if args.folder is not None:
-        write(load(args.folder))
+        data = load(args.folder)
+        if args.check:
+            missing = [f"arch_matrix_{l}.json" for l in VENVS if l not in data]
+            if missing:  # a partial table would differ for the wrong reason
+                sys.exit(f"--check: {', '.join(missing)} missing in {args.folder} (run both legs)")
+            sys.exit(check(data))
+        write(data)
         return
     with tempfile.TemporaryDirectory(prefix="steerlin-matrix-") as tmp:
         run_matrix(Path(tmp))

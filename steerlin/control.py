@@ -319,6 +319,7 @@ class Controller:
             prompts,
             self.schedule if schedule is None else schedule,
             float(self.target[0]),
+            units="raw",
             readout=readout,
             positions=regime,
             n_tokens=max(int(n_tokens), 1),

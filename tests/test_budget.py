@@ -3,11 +3,12 @@ the injection in the regime of use, checked against the KL measured on the full 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from conftest import greedy_continuations, random_prompts
+from conftest import greedy_continuations, make_gemma_like, random_prompts
 
 from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.budget import measured_token_kl, regime_fisher, schedule_fisher, size_to_kl
@@ -164,3 +165,41 @@ def test_split_half_reliability_spearman_brown():
     assert split_half_reliability(a, -a, 12, 24)["reliability"] == 0.0
     with pytest.raises(SteerlinError, match="half_b"):
         split_half_reliability(a, a[:3], 12, 24)
+
+
+def test_cli_demo_and_control_take_a_kl_budget(monkeypatch, tmp_path):
+    """`steerlin demo --kl` sizes both generation schedules to the budget (predicted mean =
+    the budget); `steerlin control --kl` sizes the LLV schedule and the baselines, predicted
+    beside measured KL."""
+    pytest.importorskip("vaderSentiment")
+    from _wordtok import with_tokenizer
+
+    from steerlin import cli
+
+    model = with_tokenizer(make_gemma_like())
+    monkeypatch.setattr(cli, "resolve_model", lambda name, **kw: model)
+    threads = torch.get_num_threads()
+    out = tmp_path / "demo"
+    argv = "demo --d 4 --n-random 2 --threads 1 --max-new-tokens 5 --kl 0.05 --no-progress"
+    try:
+        assert cli.main([*argv.split(), "--prompt", "the movie was", "--out", str(out)]) == 0
+        gen = json.loads((out / "results.json").read_text())["results"]["generation"]
+        assert len(gen["signs"]) == 2
+        for rec in gen["signs"].values():
+            assert rec["calibration"]["budget"] == 0.05
+            assert rec["calibration"]["predicted_kl"]["mean"] == pytest.approx(0.05)
+        fit = tmp_path / "fit"
+        sizes = "--n-concept 8 --n-operating 5 --n-eval 5 --no-progress"
+        assert cli.main(f"fit --task demo --d 4 --out {fit} {sizes}".split()) == 0
+        ctl = tmp_path / "ctl"
+        argv = f"control --fit-dir {fit} --kl 0.05 --baselines uniform --kl-tokens 4 --out {ctl}"
+        assert cli.main([*argv.split(), "--no-progress"]) == 0
+        rows = json.loads((ctl / "results.json").read_text())["results"]["energy"]
+        assert [r["strategy"] for r in rows] == ["llv", "uniform"]
+        for r in rows:
+            assert r["predicted_kl_mean"] == pytest.approx(0.05)
+            assert 0 < r["measured_kl_mean"] < 1 and r["correction"] > 0
+        bad = ["control", "--fit-dir", str(fit), "--kl", "-1", "--out", str(tmp_path / "x")]
+        assert cli.main(bad) == 2  # SteerlinError naming kl, before any model run
+    finally:
+        torch.set_num_threads(threads)

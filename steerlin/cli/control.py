@@ -37,9 +37,12 @@ def cmd_control(args) -> int:
             f"{target:+.4g}."
         )
     run.config.update(target=target, layers=layers, model=cfg.get("model"), dtype=cfg.get("dtype"))
-    ctrl = Controller(sur, target, units="raw", layers=layers, seed=args.seed)
+    kw = dict(kl=args.kl, kl_stat=args.kl_stat)
+    ctrl = Controller(sur, target, units="raw", layers=layers, seed=args.seed, **kw)
     baselines = _csv(args.baselines, what="--baselines") if args.baselines else []
-    if args.calibrate:
+    if args.kl is not None:
+        schedule, rows, scheds = _kl_budget(run, args, cfg, ctrl, baselines)
+    elif args.calibrate:
         model = _load_model(args, run, cfg)
         ev = seam("encode_prompts")(model, split_rec["eval"]["texts"])
         rows = _energy(run, model, ev, sur, target, args)
@@ -94,7 +97,7 @@ def cmd_control(args) -> int:
         scheds,
         run.path("schedule.png"),
         title=f"Schedules for a shift of {target:+.3g}"
-        + (" (calibrated)" if args.calibrate else " (surrogate-sized)"),
+        + (" (calibrated)" if args.calibrate or args.kl is not None else " (surrogate-sized)"),
     )
     if args.llama_cpp:
         p = schedule.to_llama_cpp(args.llama_cpp)
@@ -107,6 +110,41 @@ def cmd_control(args) -> int:
         schedule_meta=schedule.meta,
         fit_dir=fit_dir,
     )
+
+
+def _kl_budget(run, args, cfg, ctrl, baselines):
+    """--kl: the LLV schedule and the baselines sized to a KL budget (steerlin.budget) on the
+    neutral calibration stems' greedy continuations, in the generation regime; the predicted
+    KL beside the KL measured in one steered run there (then rescaled once by it)."""
+    from ..budget import schedule_fisher
+    from ..regime import generate
+    from ..steer_eval import neutral_stems
+
+    model = _load_model(args, run, cfg)
+    cont = generate(model, neutral_stems()["calibration"], args.kl_tokens)
+    plans = [ctrl.schedule] + [ctrl.baseline(k) for k in baselines]
+    fi = schedule_fisher(model, cont, plans[0], n_tokens=args.kl_tokens)
+    rows, scheds, llv = [], {}, None
+    for s in plans:
+        ctrl.calibrate(model, cont, n_tokens=args.kl_tokens, schedule=s, correct=True, fisher=fi)
+        cal = ctrl.calibration
+        llv = cal.schedule if llv is None else llv
+        scheds[s.strategy] = cal.schedule.amplitudes
+        rows.append(
+            {"strategy": s.strategy, "layers": s.layers, "energy": cal.schedule.energy}
+            | {f"predicted_kl_{k}": v for k, v in cal.predicted_kl.items()}
+            | {f"measured_kl_{k}": v for k, v in cal.measured_kl.items()}
+            | {"correction": cal.correction, "multiplier": cal.multiplier}
+        )
+    cols = "strategy layers energy predicted_kl_mean measured_kl_mean predicted_kl_p95 "
+    cols += "measured_kl_p95 correction"
+    run.table(
+        f"Schedules sized to a KL budget of {args.kl:g} nats/token ({args.kl_stat}; first-order "
+        "prediction vs one measured run on the calibration stems, then rescaled once by it)",
+        rows,
+        [(c, c, "" if c in ("strategy", "layers") else ".4g") for c in cols.split()],
+    )
+    return llv, rows, scheds
 
 
 def register(add) -> None:
@@ -128,6 +166,15 @@ def register(add) -> None:
         help="rescale every schedule on the full model (bisection) to really reach "
         "the target; writes energy.png",
     )
+    p.add_argument(
+        "--kl",
+        type=float,
+        default=None,
+        help="size the schedules to this KL budget (nats/token of next-token KL along the "
+        "neutral stems' continuations; the target's sign gives the direction) instead",
+    )
+    p.add_argument("--kl-stat", choices=("mean", "p95"), default="mean", help="budgeted statistic")
+    p.add_argument("--kl-tokens", type=int, default=8, help="continuation tokens (default: 8)")
     p.add_argument(
         "--llama-cpp",
         default=None,

@@ -154,6 +154,13 @@ def register(add) -> None:
         help="eval prompts per class for the energy target and calibrations (default: 16)",
     )
     p.add_argument("--no-generate", action="store_true", help="skip the generation step")
+    p.add_argument(
+        "--kl",
+        type=float,
+        default=None,
+        help="size the generation schedules to this KL budget (nats/token, steerlin.budget) "
+        "instead of --steer-target (which then gives only the direction)",
+    )
 
 
 def _demo_generation(run, model, sur, args) -> None:
@@ -180,7 +187,7 @@ def _demo_generation(run, model, sur, args) -> None:
     texts = {"unsteered": plain.texts}
     gen: dict = {"strength": t, "signs": {}}
     for sign in (+1, -1):
-        ctrl = Controller(sur, sign * t)
+        ctrl = Controller(sur, sign * t, kl=args.kl)
         if sign > 0:
             run.say(f"\nSign convention: {ctrl.sign_convention}.")
         try:
@@ -202,10 +209,16 @@ def _demo_generation(run, model, sur, args) -> None:
             "ppl_ratio": math.exp(nll - nll0),
             "changed": int((plain.new_ids != steered.new_ids).any(dim=1).sum()),
         }
+        how = (
+            f"measured shift {cal.measured_shift:+.4g}"
+            if args.kl is None
+            else f"sized to a KL budget of {args.kl:g} nats/token, predicted mean "
+            f"{cal.predicted_kl['mean']:.3g}, p95 {cal.predicted_kl['p95']:.3g}"
+        )
         run.say(
             f"\n{key}: least-norm schedule for {ctrl.targets[0].describe()}, calibrated in "
-            f"the generation regime (x{cal.multiplier:.3g} of the surrogate's size, measured "
-            f"shift {cal.measured_shift:+.4g}); perplexity under the unsteered model "
+            f"the generation regime (x{cal.multiplier:.3g} of the surrogate's size, {how}); "
+            "perplexity under the unsteered model "
             f"{math.exp(nll - nll0):.2f}x the unsteered text's; "
             f"{gen['signs'][key]['changed']}/{len(prompts)} continuations changed."
         )

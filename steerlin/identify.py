@@ -81,6 +81,11 @@ def identity_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# one process, n <= H prompts: the observability directions from the n x H rows, not the H x H
+# grams (`observability_stats`); False forces the grams (tests compare the two paths)
+_OBS_ROWS = True
+
+
 def fit_core(
     model: Model,
     contexts: Sequence[FrozenContext | LayerwiseContext],
@@ -95,11 +100,13 @@ def fit_core(
     *,
     obs_gram: Float[torch.Tensor, "Lp1 H H"] | None = None,
     obs_proj: Float[torch.Tensor, " L"] | None = None,
+    obs_rows: bool = False,
 ) -> dict[str, Any]:
     """Layer-major identification; `reduce` sums a statistic over processes (identity: one).
     `obs_gram`: the observability statistic the two-sided/observable bases need; `obs_proj`:
     Σ_p ⟨w_l(p), unit_l⟩ from the same pass (`observability_grams`), which gives the
-    exact gains and the reduction's self-check at no cost."""
+    exact gains and the reduction's self-check at no cost. `obs_rows`: `obs_gram` is the rows
+    W [L+1, n, H] of the grams W_lᵀ W_l (`observability_stats`), not the grams."""
     L, H = model.cfg.n_layers, model.cfg.d_model
     f64 = torch.float64
     gen = torch.Generator().manual_seed(seed)
@@ -138,6 +145,7 @@ def fit_core(
         sum_Y = reduce(sum_Y)
         mean_Y = sum_Y / n  # [d, H]
         obs = None if obs_gram is None else obs_gram[layer + 1]
+        obs = None if obs is None else linalg.principal_directions(obs, d, rows=obs_rows)[0]
         nxt = _next_basis(basis, layer, unit[layer + 1], mean_Y, obs, gram, d, gen, reduce)
         P.append(nxt)
         A_l = nxt.T @ mean_Y.T  # [d, d] = P_{l+1}^T (mean A_l) P_l
@@ -152,7 +160,7 @@ def fit_core(
     for o in sorted({int(o) for o in orders if int(o) < d}):
         lower[o] = _truncated(contexts, readout, model, P, Ab_all, scale, o, n, reduce)
         if obs_gram is not None:
-            lower[o]["adjoint_captured"] = adjoint_captured(lower[o]["P"], obs_gram)
+            lower[o]["adjoint_captured"] = adjoint_captured(lower[o]["P"], obs_gram, rows=obs_rows)
     del Ab_all
     hankel = _hankel(Wc, Wo)
     c = reduce(sum_c) / n
@@ -167,7 +175,9 @@ def fit_core(
         "P": P,
         # the exact gains on the same prompts (None without the observability pass)
         "gains_exact": None if obs_proj is None else scale[:L] * obs_proj / n,
-        "adjoint_captured": None if obs_gram is None else adjoint_captured(P, obs_gram),
+        "adjoint_captured": (
+            None if obs_gram is None else adjoint_captured(P, obs_gram, rows=obs_rows)
+        ),
         "A": A,
         "B": B,
         "c": c,
@@ -210,9 +220,12 @@ def identify(
     `held` while it goes are swapped into the sweep (no second forward for them)."""
     with torch.no_grad():  # JVPs/VJPs via torch.func only; no graph through a user's parameters
         obs_gram = obs_proj = None
+        obs_rows = False
         if basis in ("two-sided", "observable"):
             unit = directions.unit.to(torch.float64)
-            obs_gram, obs_proj = observability_grams(model, full(), readout, reduce, unit)
+            obs_gram, obs_proj, obs_rows = observability_stats(
+                model, full(), readout, reduce, unit, rows_ok=_OBS_ROWS
+            )
         contexts = layerwise()
         for i, ctx in enumerate(held):  # same batching, same order: swap in the held ones
             if not torch.equal(ctx.index.cpu(), torch.as_tensor(contexts[i].index).cpu()):
@@ -231,6 +244,7 @@ def identify(
             orders,
             obs_gram=obs_gram,
             obs_proj=obs_proj,
+            obs_rows=obs_rows,
         )
 
 
@@ -252,19 +266,18 @@ def _pod_gram(Ys, R, d: int, H: int, n: int, reduce) -> torch.Tensor:
     return gram
 
 
-def _next_basis(basis: str, layer: int, anchor, mean_Y, obs_gram, gram, d: int, gen, reduce):
+def _next_basis(basis: str, layer: int, anchor, mean_Y, obs, gram, d: int, gen, reduce):
     """P_{l+1}: anchored on unit_{l+1} (`anchor`), completed as the basis says from the mean
-    images mean_Y [d, H] (krylov), the observability statistic (two-sided, observable), the
+    images mean_Y [d, H] (krylov), the observability directions `obs` [H, <=d] (two-sided,
+    observable: the top eigenvectors of the observability statistic), the
     pod statistic `gram` (reduced here), or at random."""
     what = f"basis P_{layer + 1}"
     if basis == "krylov":
         return linalg.anchored_orth(anchor, mean_Y.T, d, generator=gen, what=what)
     if basis == "two-sided":
-        obs, _ = linalg.principal_directions(obs_gram, d)
         cand = linalg.two_sided_candidates(obs, mean_Y.T)
         return linalg.anchored_orth(anchor, cand, d, generator=gen, what=what)
     if basis == "observable":
-        obs, _ = linalg.principal_directions(obs_gram, d)
         cand = torch.cat([obs, mean_Y.T], dim=1)  # reachable ones only if obs run out
         return linalg.anchored_orth(anchor, cand, d, generator=gen, what=what)
     if basis == "pod":
@@ -381,18 +394,42 @@ def observability_grams(
     model, contexts: Iterable, readout: Readout, reduce, unit: Float[torch.Tensor, "Lp1 H"]
 ) -> tuple[Float[torch.Tensor, "Lp1 H H"], Float[torch.Tensor, " L"]]:
     """(gram, proj): gram[l] = Σ_p w_l(p) w_l(p)ᵀ for l = 0..L, the observability statistic of
-    the two-sided basis, and proj[l] = Σ_p ⟨w_l(p), unit_l⟩ for l < L.
+    the two-sided basis, and proj[l] = Σ_p ⟨w_l(p), unit_l⟩ for l < L (`observability_stats`
+    with the H x H grams always)."""
+    gram, proj, _ = observability_stats(model, contexts, readout, reduce, unit, rows_ok=False)
+    return gram, proj
+
+
+def observability_stats(
+    model,
+    contexts: Iterable,
+    readout: Readout,
+    reduce,
+    unit: Float[torch.Tensor, "Lp1 H"],
+    *,
+    rows_ok: bool = True,
+) -> tuple[torch.Tensor, Float[torch.Tensor, " L"], bool]:
+    """(stat, proj, rows): the observability statistic of the two-sided basis and
+    proj[l] = Σ_p ⟨w_l(p), unit_l⟩ for l < L.
 
     w_L(p) = ∇_x y at the prompt's final state, w_l(p) = A_l(p)ᵀ w_{l+1}(p) = ∂y(p)/∂x_l: all
     of them from ONE backward pass per batch through the single-token chain
     (`state_gradients`, the pass `exact_gains` makes): what the per-layer VJP recursion
     `FrozenContext.vjp` computes one layer at a time, at ~3x the cost.
 
+    With `rows_ok`, one process (`reduce` is `identity_reduce`) and n <= H prompts, stat is
+    the rows W [L+1, n, H] (W[l, p] = w_l(p); rows = True): the gram G_l = W_lᵀ W_l is never
+    formed, and its top eigenvectors are W_l's top right singular vectors (an n x H SVD, ~1 ms
+    a layer, against ~0.9 s for the H x H eigenproblem at H = 2048). Otherwise (n > H, or the
+    statistic is all-reduced over processes) stat is gram[l] = Σ_p w_l(p) w_l(p)ᵀ [L+1, H, H].
+
     scale_l proj[l] / n are the exact gains on these prompts, which this pass computes anyway
     (the fit keeps them as `gains_exact`).
     """
     L, H = model.cfg.n_layers, model.cfg.d_model
-    gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
+    rows: list[torch.Tensor] | None = [] if rows_ok and reduce is identity_reduce else None
+    n_rows = 0
+    gram = None
     proj = torch.zeros(L, dtype=torch.float64)
     unit64 = unit[:L].to("cpu", torch.float64)
     for ctx in contexts:
@@ -410,24 +447,44 @@ def observability_grams(
                 f"surrogate: non-finite readout gradient ∇y at x_L (readout {readout.kind!r})"
             )
         w64 = w.to("cpu", torch.float64)
-        gram[L] += w64.T @ w64
         W = state_gradients(ctx, readout, "vjp: non-finite vector-Jacobian product")
         W64 = W.detach().to("cpu", torch.float64)
-        gram[:L] += torch.einsum("blh,blg->lhg", W64, W64)
         proj += torch.einsum("blh,lh->l", W64, unit64)
-    return reduce(gram), reduce(proj)
+        block = torch.cat([W64.transpose(0, 1), w64[None]], dim=0)  # [L+1, b, H]
+        blocks = [block]
+        if rows is not None:
+            rows.append(block)
+            n_rows += block.shape[1]
+            if n_rows <= H:
+                continue
+            blocks, rows = rows, None  # more prompts than H: fold them into the grams
+        if gram is None:
+            gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
+        for b in blocks:  # batch by batch, as the all-reduced path sums them
+            gram += torch.einsum("lbh,lbg->lhg", b, b)
+    if rows is not None:
+        stat = torch.cat(rows, dim=1) if rows else torch.zeros(L + 1, 0, H, dtype=torch.float64)
+        return stat, proj, True
+    if gram is None:
+        gram = torch.zeros(L + 1, H, H, dtype=torch.float64)
+    return reduce(gram), reduce(proj), False
 
 
 def adjoint_captured(
-    P: Float[torch.Tensor, "Lp1 H d"], obs_gram: Float[torch.Tensor, "Lp1 H H"]
+    P: Float[torch.Tensor, "Lp1 H d"], obs: torch.Tensor, *, rows: bool = False
 ) -> Float[torch.Tensor, " Lp1"]:
     """Share of the prompts' backward vectors' energy Σ_p ‖w_l(p)‖² that span(P_l) holds:
-    tr(P_lᵀ G_l P_l) / tr(G_l). Where it is low, no shared basis of this order carries the
-    individual prompts' ∂y/∂x_l, and per-prompt gains of early injections depend on what the
-    basis leaves out (docs/results.md, "the early layers")."""
+    tr(P_lᵀ G_l P_l) / tr(G_l), from the grams G_l [L+1, H, H], or with `rows` from the rows
+    W_l [L+1, n, H] of G_l = W_lᵀ W_l as ‖W_l P_l‖²_F / ‖W_l‖²_F. Where it is low, no shared
+    basis of this order carries the individual prompts' ∂y/∂x_l, and per-prompt gains of early
+    injections depend on what the basis leaves out (docs/results.md, "the early layers")."""
     P = P.to(torch.float64)
-    held = torch.einsum("lhd,lhg,lgd->l", P, obs_gram, P)
-    total = torch.diagonal(obs_gram, dim1=-2, dim2=-1).sum(-1)
+    if rows:
+        held = torch.einsum("lnh,lhd->lnd", obs, P).pow(2).sum((-2, -1))
+        total = obs.pow(2).sum((-2, -1))
+    else:
+        held = torch.einsum("lhd,lhg,lgd->l", P, obs, P)
+        total = torch.diagonal(obs, dim1=-2, dim2=-1).sum(-1)
     return held / total.clamp_min(1e-300)
 
 
@@ -443,5 +500,6 @@ __all__ = [
     "identify",
     "identity_reduce",
     "observability_grams",
+    "observability_stats",
     "state_gradients",
 ]

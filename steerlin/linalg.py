@@ -149,14 +149,26 @@ def two_sided_candidates(
 
 
 def principal_directions(
-    gram: Float[torch.Tensor, "H H"], k: int
+    gram: torch.Tensor, k: int, *, rows: bool = False
 ) -> tuple[Float[torch.Tensor, "H k"], Float[torch.Tensor, " k"]]:
     """Top-k eigenvectors (sign-fixed) and eigenvalues of a symmetric PSD statistic Σ M Mᵀ.
 
     For k < H only the top k eigenpairs are computed (LAPACK ?syevx through scipy): the full
     eigendecomposition of an H x H statistic per layer was ~15% of a two-sided fit of 64
     short prompts on Gemma-3-270m (H = 640); the same eigenpairs to round-off.
+
+    With `rows`, `gram` is the samples' rows W [n, H] of the statistic Wᵀ W: its top right
+    singular vectors and squared singular values (an n x H SVD instead of an H x H eigenproblem;
+    the same eigenpairs to round-off).
     """
+    if rows:
+        W = gram.to(torch.float64)
+        if W.shape[0] == 0 or not bool(torch.isfinite(W).all()):
+            return principal_directions(W.T @ W, k)
+        _, sv, Vh = torch.linalg.svd(W, full_matrices=False)
+        evals = sv[:k].pow(2)
+        keep = evals > evals.max().clamp_min(0) * 1e-12
+        return _fix_signs(Vh[:k].T[:, keep]), evals[keep]
     G = gram.to(torch.float64)
     G = (G + G.T) / 2
     H = G.shape[0]

@@ -35,8 +35,8 @@ from . import backend
 from .backend import check_model
 from .errors import InputError
 from .hooks import resid_post_name, resid_pre_name
-from .measure import final_states
-from .readouts import full_logits, logit_kl
+from .measure import measured_token_kl
+from .readouts import full_logits
 from .regime import Continuations, batch_tokens, check_policy, generate, position_masks
 from .validate import check_int, check_number, check_schedule, check_text_prompts
 
@@ -204,24 +204,6 @@ def regime_fisher(
     if not torch.isfinite(F).all():
         raise InputError("regime_fisher: non-finite Fisher (the model's logits overflow?)")
     return RegimeFisher(F, b.to("cpu", F64), positions, n_meas, len(cont), torch.cat(xs))
-
-
-def measured_token_kl(
-    model,
-    cont: Continuations,
-    vectors,
-    *,
-    positions: str = "generated",
-    n_new: int | None = None,
-    batch_size: int = 8,
-    clean: torch.Tensor | None = None,
-) -> Float[torch.Tensor, " N"]:
-    """Measured per-token KL(clean ‖ steered) at the measured positions (prompt-major);
-    `clean`: the unsteered `final_states` already computed (same policy and n_new)."""
-    kw = dict(positions=positions, n_new=n_new, batch_size=batch_size)
-    x0 = final_states(model, cont, None, **kw) if clean is None else clean
-    x1 = final_states(model, cont, vectors, **kw)
-    return logit_kl(model, x0, x1).reshape(-1)
 
 
 @dataclass(frozen=True)

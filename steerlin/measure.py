@@ -273,7 +273,26 @@ def regime_kl(
 ) -> float:
     """Mean KL(clean ‖ steered) of the next-token distribution over the measured positions."""
     kw = dict(positions=positions, n_new=n_new, batch_size=batch_size)
-    return kl_between(model, cont, cont, vectors, **kw)
+    return float(measured_token_kl(model, cont, vectors, **kw).mean())
+
+
+def measured_token_kl(
+    model,
+    cont: Continuations,
+    vectors,
+    *,
+    positions: str = "generated",
+    n_new: int | None = None,
+    batch_size: int = 8,
+    clean: torch.Tensor | None = None,
+) -> Float[torch.Tensor, " N"]:
+    """Measured per-token KL(clean ‖ steered) at the measured positions (prompt-major);
+    `clean`: the unsteered `final_states` already computed (same policy and n_new)."""
+    batch_size = check_int("batch_size", batch_size, min=1)
+    kw = dict(positions=positions, n_new=n_new, batch_size=batch_size)
+    x0 = final_states(model, cont, None, **kw) if clean is None else clean
+    x1 = final_states(model, cont, vectors, **kw)
+    return logit_kl(model, x0, x1).reshape(-1)
 
 
 def continuation_scores(
@@ -538,6 +557,7 @@ __all__ = [
     "measure_regime_shift",
     "kl_between",
     "regime_kl",
+    "measured_token_kl",
     "continuation_scores",
     "bisect_multiplier",
     "raw_target",

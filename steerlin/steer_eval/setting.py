@@ -46,14 +46,17 @@ SETTINGS = {
 
 
 def neutral_stems() -> dict[str, list[str]]:
-    """The shipped neutral prompt stems: {"calibration": 12, "eval": 36 (3 seeds of 12)}."""
+    """The shipped neutral prompt stems: {"calibration": 12, "eval": 36 (3 seeds of 12),
+    "extra": 108}. "calibration" calibrates schedules; "eval" is steer-eval's held-out set;
+    "extra" are further held-out stems, distinct from both, that the per-layer ground truth
+    (`steerlin.ground_truth`) judges together with "eval" (144 stems)."""
     ref = resources.files("steerlin").joinpath("data", "neutral_stems.txt")
-    out: dict[str, list[str]] = {"calibration": [], "eval": []}
+    out: dict[str, list[str]] = {"calibration": [], "eval": [], "extra": []}
     key = None
     for line in ref.read_text(encoding="utf-8").splitlines():
         s = line.strip()
         if s.startswith("# ---"):
-            key = "calibration" if "calibration" in s else "eval"
+            key = next((k for k in ("calibration", "extra") if k in s), "eval")
             continue
         if not s or s.startswith("#") or key is None:
             continue

@@ -33,60 +33,11 @@ import torch
 
 import steerlin
 from steerlin import predictors as pr
-from steerlin.judges import get_judge
-from steerlin.measure import bisect_multiplier, regime_kl
-from steerlin.regime import generate
+from steerlin.ground_truth import layer_effects
 from steerlin.steer_eval import SETTINGS, TASKS, neutral_stems
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
-
-
-def layer_effects(
-    model, dirs, task: str, levels, seeds: int, tokens: int, log, on_layer=None
-) -> dict:
-    """Judged Δ(+,−) per layer at each KL level (see the module docstring); `on_layer(out)`
-    after each layer (the benchmark saves partial results with it)."""
-    L = model.cfg.n_layers
-    stems = neutral_stems()
-    cal = generate(model, stems["calibration"], 8)
-    flat = stems["eval"][: 12 * seeds]
-    judge = get_judge(SETTINGS[task].judge)
-    b = dirs.b[:L].to(F64)
-    out = {str(k): {"amp": [], "kl": [], "delta": [], "plus": [], "minus": []} for k in levels}
-    t0 = time.time()
-    for layer in range(L):
-        vec = torch.zeros(L, b.shape[1], dtype=F64)
-        vec[layer] = b[layer]
-        for k in levels:
-            rec = out[str(k)]
-            if not bool(vec.any()):
-                for key in rec:
-                    rec[key].append(float("nan"))
-                continue
-            f = lambda a, v=vec: regime_kl(model, cal, a * v)
-            a, kl, _ = bisect_multiplier(f, k, tol=0.05, max_evaluations=30)
-            js = []
-            for sign in (1, -1):
-                s = steerlin.Schedule(
-                    torch.zeros(L, dtype=F64).index_fill(0, torch.tensor([layer]), sign * a),
-                    dirs.unit[:L].to(F64),
-                    dirs.scale[:L].to(F64),
-                    {"strategy": f"layer {layer}"},
-                )
-                js.append(float(np.mean(judge(generate(model, flat, tokens, s).texts))))
-            rec["amp"].append(a)
-            rec["kl"].append(kl)
-            rec["plus"].append(js[0])
-            rec["minus"].append(js[1])
-            rec["delta"].append(js[0] - js[1])
-            log(
-                f"  layer {layer:2d} KL {kl:.3f}: amplitude {a:.3g}, judged Δ {js[0] - js[1]:+.3f}"
-                f" ({time.time() - t0:.0f} s)"
-            )
-        if on_layer is not None:
-            on_layer(out)
-    return out
 
 
 def plot(res: dict, path: Path, title: str) -> None:
@@ -207,6 +158,19 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=8)
     ap.add_argument("--kl", default="0.1,0.3", help="KL levels (nats/token)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds of 12 held-out stems")
+    ap.add_argument(
+        "--stems",
+        default="seeds",
+        choices=("seeds", "all"),
+        help="held-out stems judged: the first --seeds × 12 evaluation stems, or all "
+        "(evaluation + extra, 144: per-stem scores for the split-half reliability)",
+    )
+    ap.add_argument(
+        "--amplitudes-from",
+        default="",
+        help="a result file (same task and model) whose matched-KL amplitudes are reused "
+        "(they are defined on the calibration stems only): no bisection",
+    )
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
@@ -250,8 +214,32 @@ def main() -> None:
     levels = [float(x) for x in args.kl.split(",")]
     partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
     save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))
+    stems = neutral_stems()
+    held = (
+        stems["eval"] + stems["extra"] if args.stems == "all" else stems["eval"][: 12 * args.seeds]
+    )
+    amps = src = None
+    if args.amplitudes_from:
+        src = json.loads(Path(args.amplitudes_from).read_text())
+        for k in ("task", "model"):
+            if src["args"][k] != getattr(args, k):
+                raise SystemExit(
+                    f"--amplitudes-from: {k} {src['args'][k]!r} != {getattr(args, k)!r}"
+                )
+        amps = {k: rec["amp"] for k, rec in src["judged"].items()}
+        src = f"{Path(args.amplitudes_from).name} (bisected there on the 12 calibration stems)"
+    partial["stems"] = held
     judged = layer_effects(
-        model, dirs, args.task, levels, args.seeds, args.tokens, log, on_layer=save
+        model,
+        dirs,
+        SETTINGS[args.task].judge,
+        levels,
+        stems=held,
+        tokens=args.tokens,
+        amplitudes=amps,
+        amplitude_source=src,
+        log=log,
+        on_layer=save,
     )
     timings["sweep"] = time.time() - t
     res = {
@@ -264,6 +252,7 @@ def main() -> None:
         "args": vars(args),
         "predictors": {n: p.tolist() for n, p in preds.items()},
         "judged": judged,
+        "stems": held,
         "timings_s": timings,
     }
     score_and_write(res, out, img, title, log)

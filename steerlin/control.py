@@ -159,6 +159,8 @@ class Controller:
             raise InputError("metric='kl' is supported for one concept at a time")
         self.calibration = None
         self._apply_positions = None
+        #: the objective an alternative constructor set (`in_regime`), recorded in the meta
+        self.objective = None
         #: what `recommend` based its choice on (None for a Controller built directly)
         self.recommendation = None
 
@@ -222,6 +224,8 @@ class Controller:
             if not self.single
             else self.targets[0].to_meta(),
         )
+        if self.objective is not None:
+            meta.update(objective=self.objective, strategy=self.objective["name"])
         if self.single:
             return Schedule(u[0], units[0], scales[0], meta, rd)
         return Schedule(u, units, scales, meta, rd)
@@ -372,6 +376,23 @@ class Controller:
         if model is not None and "model" not in kwargs and kwargs.get("metric") == "kl":
             kwargs["model"] = model
         return cls(GainModel.build(gains, directions, readout), target, **kwargs)
+
+    @classmethod
+    def in_regime(cls, directions, gains, *, model, prompts, **kwargs) -> Controller:
+        """The schedule that moves an in-regime readout most at a KL budget, calibrated.
+
+        α ∝ (F̄ + λI)⁻¹g on the allowed layers: max gᵀα at ½αᵀF̄α fixed (g: the readout's
+        in-regime gains, F̄: the mean regime Fisher of the same injections), then sized by
+        `size_to_kl` from that Fisher, no second JVP pass (`steerlin.objective`). directions:
+        the `ConceptDirections` (or Surrogate) the gains are along; gains: a `RegimeGains`
+        (`steerlin.inregime`) or g [L] with fisher=; model, prompts: those the Fisher was
+        computed on. Keywords: readout="lexicon", kl=0.1, kl_stat="mean" | "p95", layers,
+        single_layer (the layer with the largest |g_l|/√F̄_ll), sign (+1 raises the readout),
+        ridge (`objective.RIDGE`), fisher. meta["objective"] records what was used.
+        """
+        from .objective import in_regime
+
+        return in_regime(cls, directions, gains, model=model, prompts=prompts, **kwargs)
 
     @classmethod
     def recommend(

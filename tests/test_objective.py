@@ -1,0 +1,157 @@
+"""The Controller's in-regime objective (steerlin.objective, Controller.in_regime): the most
+predicted readout change gᵀα at a KL budget ½αᵀF̄α = kl, sized from the regime Fisher."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import greedy_continuations, make_gemma_like, random_prompts
+
+from steerlin import ConceptDirections, Controller, Surrogate
+from steerlin.budget import measured_token_kl, schedule_fisher
+from steerlin.errors import InputError, LayerError, SteerlinError
+from steerlin.objective import best_layer, gain_per_sqrt_kl
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = make_gemma_like()
+    concept = random_prompts(m, 16, 3, 12, seed=11)
+    dirs = ConceptDirections.fit(m, concept, [i % 2 for i in range(16)])
+    sur = Surrogate.fit(m, random_prompts(m, 6, 3, 10, seed=5), dirs, d=4)
+    cont = greedy_continuations(m, random_prompts(m, 4, 3, 8, seed=7), 5)
+    fi = schedule_fisher(m, cont, Controller(sur).schedule, n_tokens=5)
+    L = m.cfg.n_layers
+    # gains of two made-up readouts (the objective is generic in g): one with mixed signs
+    g = torch.tensor([0.3, -0.8, 1.1, 0.5], dtype=F64)[:L]
+    rg = SimpleNamespace(gains={"lexicon": g, "concept": sur.gains.to(F64)}, fisher=fi)
+    return m, dirs, sur, cont, fi, rg
+
+
+def _gain(rg, ctrl, name="lexicon"):
+    return float(rg.gains[name] @ ctrl.calibrated.amplitudes.to(F64))
+
+
+@pytest.mark.parametrize("stat", ["mean", "p95"])
+def test_sized_schedule_predicts_the_budget(setup, stat):
+    m, dirs, sur, cont, fi, rg = setup
+    for kl in (1e-4, 0.1):
+        ctrl = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=kl, kl_stat=stat)
+        a = ctrl.calibrated.amplitudes.to(F64)
+        assert fi.predict(a, stat) == pytest.approx(kl, rel=1e-9)
+        assert ctrl.calibration.predicted_kl[stat] == pytest.approx(kl, rel=1e-9)
+        assert ctrl.calibration.evaluations == 0  # the Fisher was reused: no run at all
+    # and the model agrees in the first-order limit (one measured steered run)
+    ctrl = Controller.in_regime(dirs, rg, model=m, prompts=cont, kl=1e-6)
+    got = float(measured_token_kl(m, cont, ctrl.calibrated.vectors, n_new=5).mean())
+    assert got == pytest.approx(1e-6, rel=1e-2)
+
+
+def test_objective_maximises_gain_at_equal_kl(setup):
+    """With ridge 0 the schedule reaches the Cauchy-Schwarz bound √(2kl·gᵀF̄⁻¹g) and beats
+    min-norm, every single layer, uniform and 200 random schedules of the same predicted KL."""
+    m, dirs, sur, cont, fi, rg = setup
+    kl, g, Fm = 0.05, rg.gains["lexicon"], fi.mean.to(F64)
+    best = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=kl, ridge=0.0)
+    got = _gain(rg, best)
+    bound = math.sqrt(2 * kl * float(g @ torch.linalg.solve(Fm, g)))
+    assert got == pytest.approx(bound, rel=1e-6)
+
+    def at_kl(u):  # g·u of u scaled to the same predicted mean KL, best sign
+        u = torch.as_tensor(u, dtype=F64)
+        return abs(float(g @ u)) * math.sqrt(kl / fi.predict(u))
+
+    base = Controller(sur)
+    others = [base.schedule.amplitudes, base.baseline("uniform").amplitudes]
+    others += [torch.eye(len(g), dtype=F64)[i] for i in range(len(g))]
+    others += list(torch.randn(200, len(g), generator=torch.Generator().manual_seed(0), dtype=F64))
+    assert max(at_kl(u) for u in others) <= got * (1 + 1e-9)
+    assert at_kl(base.schedule.amplitudes) < 0.999 * got  # min-norm is not already optimal
+    # the default ridge (1e-2 of F̄'s mean diagonal) costs little of the objective
+    ridged = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=kl)
+    assert 0.9 * got <= _gain(rg, ridged) <= got * (1 + 1e-9)
+    assert ridged.calibrated.meta["objective"]["ridge"] == pytest.approx(1e-2)
+
+
+def test_single_layer_and_allowed_layers(setup):
+    m, dirs, sur, cont, fi, rg = setup
+    g = rg.gains["lexicon"]
+    L = len(g)
+    one = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=0.05, single_layer=True)
+    score = gain_per_sqrt_kl(g, fi)
+    top = int(torch.argmax(score))
+    assert best_layer(g, fi, list(range(L))) == top
+    assert one.calibrated.layers == [top] and one.calibrated.meta["objective"]["layers"] == [top]
+    for layer in range(L):  # it beats every other single layer at the same KL
+        ctl = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=0.05, layers=[layer])
+        assert abs(_gain(rg, ctl)) <= _gain(rg, one) * (1 + 1e-9)
+    some = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=0.05, layers=[0, 2])
+    a = some.calibrated.amplitudes
+    assert set(some.calibrated.layers) <= {0, 2} and float(a[1].abs() + a[3:].abs().sum()) == 0
+    sub = Controller.in_regime(
+        sur,
+        rg,
+        model=m,
+        prompts=cont,
+        kl=0.05,
+        single_layer=True,
+        layers=[l for l in range(L) if l != top],
+    )
+    assert sub.calibrated.layers[0] != top
+
+
+def test_sign_meta_and_apply(setup):
+    m, dirs, sur, cont, fi, rg = setup
+    up = Controller.in_regime(dirs, rg, model=m, prompts=cont, readout="concept", kl=0.02)
+    down = Controller.in_regime(
+        dirs, rg, model=m, prompts=cont, readout="concept", kl=0.02, sign=-1
+    )
+    assert _gain(rg, up, "concept") > 0 > _gain(rg, down, "concept")
+    assert torch.allclose(down.calibrated.amplitudes, -up.calibrated.amplitudes)
+    meta = up.calibrated.meta
+    obj = meta["objective"]
+    assert obj["name"] == meta["strategy"] == "in-regime:concept"
+    assert obj["readout"] == "concept" and obj["kl_budget"] == 0.02 and obj["kl_stat"] == "mean"
+    assert obj["ridge_abs"] == pytest.approx(1e-2 * float(fi.mean.diagonal().mean()))
+    assert meta["kl_budget"] == 0.02 and meta["readout"]["kind"] == "concept"
+    assert meta["predicted_shift"] == pytest.approx(_gain(rg, up, "concept"), rel=1e-9)
+    tok = torch.tensor([cont.prompt_ids[0]])
+    with torch.no_grad():
+        clean = m(tok)[0, -1]
+        with up.apply(m):
+            steered = m(tok)[0, -1]
+        after = m(tok)[0, -1]
+    assert not torch.allclose(clean, steered) and torch.equal(clean, after)
+
+
+def test_bad_input(setup):
+    m, dirs, sur, cont, fi, rg = setup
+    go = lambda **kw: Controller.in_regime(sur, rg, model=m, prompts=cont, **kw)
+    for bad in (0, -0.1, float("nan"), float("inf"), "0.1", None):
+        with pytest.raises(InputError, match="kl"):
+            go(kl=bad)
+    with pytest.raises(InputError, match="readout"):
+        go(readout="vader")
+    with pytest.raises(LayerError, match="layers"):
+        go(layers=[0, 99])
+    with pytest.raises(InputError, match="kl_stat"):
+        go(kl_stat="max")
+    with pytest.raises(InputError, match="sign"):
+        go(sign=2)
+    with pytest.raises(InputError, match="ridge"):
+        go(ridge=-1.0)
+    with pytest.raises(SteerlinError, match="gains"):
+        Controller.in_regime(sur, torch.ones(3), model=m, prompts=cont, fisher=fi)
+    with pytest.raises(InputError, match="fisher"):
+        Controller.in_regime(sur, rg.gains["lexicon"], model=m, prompts=cont)
+    zero = SimpleNamespace(gains={"lexicon": torch.zeros(len(rg.gains["lexicon"]))}, fisher=fi)
+    with pytest.raises(InputError, match="does not move"):
+        Controller.in_regime(sur, zero, model=m, prompts=cont)
+    other = greedy_continuations(m, random_prompts(m, 3, 3, 8, seed=8), 5)
+    with pytest.raises(InputError, match="fisher"):  # sized on prompts it was not computed on
+        Controller.in_regime(sur, rg, model=m, prompts=other)

@@ -414,3 +414,22 @@ def test_tiny_demo_steers_both_ways_and_judges_each_line(monkeypatch, tmp_path, 
     printed = capsys.readouterr().out
     assert printed.count("[VADER ") == 3 * 2  # unsteered, +t, −t for each of the 2 prompts
     assert "Steered both ways" in (out / "results.md").read_text()
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """No flag: bars when stderr is a terminal, none when it is redirected; the flags win."""
+    import io
+
+    parser = cli.build_parser()
+    for tty, argv, want in [
+        (False, [], False),
+        (True, [], True),
+        (False, ["--progress"], True),
+        (True, ["--no-progress"], False),
+    ]:
+        err = io.StringIO()
+        err.isatty = lambda tty=tty: tty
+        monkeypatch.setattr("sys.stderr", err)
+        args = parser.parse_args(["demo", *argv])
+        cli._resolve_progress(args)
+        assert args.progress is want, (tty, argv)

@@ -72,11 +72,19 @@ def _version() -> str:
         return "steerlin"
 
 
+def _resolve_progress(args) -> None:
+    """Neither --progress nor --no-progress: bars only where someone watches them (stderr is a
+    terminal), so a log file redirected from a run holds no bar redraws."""
+    if getattr(args, "progress", False) is None:
+        args.progress = sys.stderr.isatty()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `steerlin` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    _resolve_progress(args)
     try:
         return int(args.func(args) or 0)
     except SteerlinError as exc:

@@ -57,6 +57,13 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument(
         "--overwrite", action="store_true", help="write into --out even if it is not empty"
     )
+    g.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="progress bars even when stderr is not a terminal (default: only on a terminal)",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

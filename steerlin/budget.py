@@ -65,22 +65,35 @@ def kl_stat(kl: torch.Tensor, stat: str) -> float:
     return float(kl.mean() if stat == "mean" else torch.quantile(kl, 0.95))
 
 
+def _logit_jvps(model, x: torch.Tensor, t: torch.Tensor, chunk: int = 8):
+    """Per chunk of `chunk` positions: (start, z [c, V], π [c, V], R [c, L, V]), float64 on the
+    model's device: the clean logits, their softmax and the logit tangents R_l = ∂z/∂(amplitude at
+    l) from x [N, H] clean final states and t [N, L, H] their tangents per injection layer
+    (through the final norm, unembedding and soft-cap), one vectorised JVP per chunk."""
+    N = t.shape[0]
+    f = lambda y: full_logits(model, y)
+    per_layer = lambda y, ts: torch.func.vmap(lambda v: torch.func.jvp(f, (y,), (v,)))(ts)
+    for s in range(0, N, chunk):
+        z, R = torch.func.vmap(per_layer)(x[s : s + chunk], t[s : s + chunk])
+        z = z[:, 0]  # the same clean logits for every tangent
+        z = z.to(F64)
+        yield s, z, torch.softmax(z, -1), R.to(F64)
+
+
+def _fisher_chunk(pi: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """RᵀGR per position [c, L, L] of one `_logit_jvps` chunk, G = diag(π) − ππᵀ."""
+    m = torch.einsum("clv,cv->cl", R, pi)
+    return torch.einsum("clv,cv,cmv->clm", R, pi, R) - m[:, :, None] * m[:, None, :]
+
+
 def _fisher_tokens(model, x: torch.Tensor, t: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Per-position F_i = RᵢᵀGᵢRᵢ [N, L, L]: x [N, H] clean final states, t [N, L, H] the
     tangents of x per injection layer (through the final norm, unembedding and soft-cap),
     `chunk` positions per vectorised JVP."""
     N, L = t.shape[:2]
     out = torch.zeros(N, L, L, dtype=F64)
-    f = lambda y: full_logits(model, y)
-    per_layer = lambda y, ts: torch.func.vmap(lambda v: torch.func.jvp(f, (y,), (v,)))(ts)
-    for s in range(0, N, chunk):
-        z, R = torch.func.vmap(per_layer)(x[s : s + chunk], t[s : s + chunk])
-        z = z[:, 0]  # the same clean logits for every tangent
-        pi = torch.softmax(z.to(F64), -1)  # [c, V]
-        R = R.to(F64)  # [c, L, V]
-        m = torch.einsum("clv,cv->cl", R, pi)
-        G = torch.einsum("clv,cv,cmv->clm", R, pi, R) - m[:, :, None] * m[:, None, :]
-        out[s : s + chunk] = G.cpu()
+    for s, _, pi, R in _logit_jvps(model, x, t, chunk):
+        out[s : s + pi.shape[0]] = _fisher_chunk(pi, R).cpu()
     return 0.5 * (out + out.transpose(1, 2))
 
 

@@ -19,7 +19,9 @@ from .fisher import kl_metric
 from .frozen import FrozenContext, iter_contexts
 from .gains import cross_gains, exact_gains, scan_gains
 from .hooks import inject
+from .inregime import RegimeGains, regime_gains
 from .interop import block_outputs
+from .lexicon import Lexicon
 from .loading import load_model
 from .measure import Calibration, calibrate, measure_shift
 from .metrics import Fidelity, fidelity
@@ -42,8 +44,10 @@ __all__ = [
     "FrozenContext",
     "KLCalibration",
     "LabelledPrompts",
+    "Lexicon",
     "Metric",
     "Readout",
+    "RegimeGains",
     "Schedule",
     "Splits",
     "Steering",
@@ -70,6 +74,7 @@ __all__ = [
     "measure_shift",
     "neutral_stems",
     "predictors",
+    "regime_gains",
     "scan_gains",
     "size_to_kl",
     "steer",

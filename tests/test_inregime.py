@@ -158,3 +158,81 @@ def test_hooks_removed_after_an_exception(setup, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         regime_gains(m, cont, dirs, readouts="concept", n_tokens=4)
     assert count_hooks(m) == 0
+
+
+# ------------------------------------------------------------------ LayerNavigator (predictors)
+
+
+def _synthetic(n=400, H=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor([i % 2 for i in range(n)])
+    v = torch.zeros(H, dtype=F64)
+    v[0] = 1.0
+    w = torch.zeros(H, dtype=F64)
+    w[1] = 1.0
+    base = torch.randn(H, generator=g, dtype=F64)
+    sgn = (2 * y - 1).to(F64)[:, None]
+    noise = lambda s: s * torch.randn(n, H, generator=g, dtype=F64)
+    along = base + 3 * sgn * v + noise(1e-3)  # classes separated exactly along v
+    across = base + 3 * sgn * w + noise(1.0)  # separated along w ⟂ v
+    return torch.stack([along, across], 1), y, torch.stack([v, v])
+
+
+def test_layer_navigator_known_answers():
+    from steerlin.predictors import layer_navigator_scores
+
+    x, y, v = _synthetic()
+    sc = layer_navigator_scores(x, y, 5 * v)  # v is normalised inside
+    assert sc.d[0] == pytest.approx(1.0, abs=1e-3) and sc.c[0] == pytest.approx(1.0, abs=1e-3)
+    assert abs(float(sc.d[1])) < 0.05 and abs(float(sc.c[1])) < 0.05  # sampling: ~1/n, ~1/sqrt(n)
+    assert torch.allclose(sc.s, sc.d + sc.c)
+    flipped = layer_navigator_scores(x, 1 - y, v)  # consistency is signed, d is not
+    assert torch.allclose(flipped.c, -sc.c) and torch.allclose(flipped.d, sc.d)
+
+
+def test_layer_navigator_equals_the_pairwise_loop_and_scatter_matrices():
+    """The vectorised all-pairs consistency against an explicit loop over pairs, and the
+    discriminability against S_b, S_t built as the official get_score.py builds them."""
+    from steerlin.predictors import layer_navigator_scores
+
+    g = torch.Generator().manual_seed(1)
+    n, L, H = 9, 2, 5
+    x = torch.randn(n, L, H, generator=g, dtype=F64)
+    y = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1])
+    v = torch.randn(L, H, generator=g, dtype=F64)
+    sc = layer_navigator_scores(x, y, v)
+    for l in range(L):
+        u = v[l] / v[l].norm()
+        cos = [
+            float((x[i, l] - x[j, l]) @ u / (x[i, l] - x[j, l]).norm())
+            for i in range(n)
+            for j in range(n)
+            if y[i] == 1 and y[j] == 0
+        ]
+        assert float(sc.c[l]) == pytest.approx(sum(cos) / len(cos), abs=1e-12)
+        mu = x[:, l].mean(0)
+        Sb = torch.zeros(H, H, dtype=F64)
+        Sw = torch.zeros(H, H, dtype=F64)
+        for c in (0, 1):
+            xc = x[y == c, l]
+            dm = (xc.mean(0) - mu)[:, None]
+            Sb += xc.shape[0] * dm @ dm.T
+            Sw += (xc - xc.mean(0)).T @ (xc - xc.mean(0))
+        assert float(sc.d[l]) == pytest.approx(float(u @ Sb @ u / (u @ (Sw + Sb) @ u)), abs=1e-12)
+
+
+def test_layer_navigator_on_a_model(setup):
+    from steerlin.errors import ShapeError
+    from steerlin.predictors import layer_navigator
+
+    m, dirs, cont, lex, rg = setup
+    prompts = random_prompts(m, 10, 3, 8, seed=2)
+    sc = layer_navigator(m, prompts, [i % 2 for i in range(10)], dirs)
+    assert sc.s.shape == (m.cfg.n_layers,) and torch.isfinite(sc.s).all()
+    assert ((sc.d >= 0) & (sc.d <= 1 + 1e-12)).all() and (sc.c.abs() <= 1 + 1e-12).all()
+    with pytest.raises(ShapeError, match="units"):
+        from steerlin.predictors import layer_navigator_scores
+
+        layer_navigator_scores(torch.zeros(4, 2, 3), [0, 1, 0, 1], torch.zeros(2, 4))
+    with pytest.raises(SteerlinError, match="labels"):
+        layer_navigator(m, prompts, [1] * 10, dirs)

@@ -2,22 +2,29 @@
 
     python benchmarks/where_to_steer.py                  # Gemma-3-270m, SST-2, KL 0.1 and 0.3
     python benchmarks/where_to_steer.py --task hate --seeds 1 --quick
+    python benchmarks/where_to_steer.py --kl 0.1 --tokens 20 --stems all \
+        --amplitudes-from benchmarks/results/where_to_steer_sst2_3seeds.json --tag _144stems
 
-Ground truth: for each layer l alone, the concept direction unit_l is injected (last prompt
-token and every generated token, as `apply` steers generation) with the amplitude at which the
-measured next-token KL along the unsteered 8-token continuations of the 12 calibration stems
-equals each `--kl` level (bisection on the full model); greedy continuations of the held-out
-stems at +a and -a are judged (VADER for sst2, alt-profanity-check for hate); the per-layer
-effect is the judged Δ(+,−). Predictors (steerlin.predictors, no generation): exact gains
-|h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll (of the concept readout, and of the
-logit readout: the label words' logit difference, what the next token leans to), the logit
-lens accuracy A_lin (LAP) and a held-out linear probe's accuracy on x_l. Each is scored by
-Spearman across layers with the judged effect and by the judged effect at its top layer over
-the best layer's.
+Ground truth (`steerlin.ground_truth.layer_effects`): for each layer l alone, the concept direction
+unit_l is injected (last prompt token and every generated token, as `apply` steers generation) with
+the amplitude at which the measured next-token KL along the unsteered 8-token continuations of the
+12 calibration stems equals each `--kl` level (bisection on the full model); greedy continuations of
+the held-out stems at +a and -a are judged (VADER for sst2, alt-profanity-check for hate); the
+per-layer effect is the judged Δ(+,−). `--stems all` judges the 144 held-out stems (evaluation +
+extra) and keeps every stem's score; `--amplitudes-from` reuses a saved sweep's amplitudes (defined
+on the calibration stems alone) instead of bisecting. Where per-stem scores exist, the split-half
+reliability of the judged curve (`ground_truth.split_half_reliability`) and its ceiling √reliability
+stand beside every predictor's ρ, with ρ / ceiling. Predictors (steerlin.predictors, no generation):
+exact gains |h_l|, the surrogate's gains, gain per unit KL h_l²/F_ll (of the concept readout, and of
+the logit readout: the label words' logit difference, what the next token leans to), the logit lens
+accuracy A_lin (LAP) and a held-out linear probe's accuracy on x_l. Each is scored by Spearman
+across layers with the judged effect and by the judged effect at its top layer over the best
+layer's.
 Writes benchmarks/results/where_to_steer_<task>[_<model>][<tag>].json and docs/img/ likewise
 (.png). `--rescore` keeps a result file's judged sweep and recomputes the predictors and scores
 (minutes instead of the sweep's half hour). `--reliability` (alone) computes the split-half
-reliability of the judged curves from the saved 1-seed and 3-seed sweeps (no model run).
+reliability of the judged curves from the saved sweeps (no model run): from the per-stem scores
+of a `_144stems` sweep where one exists, else from the 1-seed and 3-seed sweeps (12 vs 24).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 
 import steerlin
+from steerlin import ground_truth as gt
 from steerlin import predictors as pr
 from steerlin.ground_truth import layer_effects
 from steerlin.steer_eval import SETTINGS, TASKS, neutral_stems
@@ -117,6 +125,15 @@ def predictors(model, task: str, nc: int, no: int, d: int, data_dir: str, log) -
     return dirs, preds, timings
 
 
+def curve_reliability(judged: dict) -> dict:
+    """{level: `ground_truth.split_half_reliability` of its per-stem judged Δ, or None where
+    the sweep kept no per-stem scores (before --stems all)}."""
+    return {
+        k: gt.split_half_reliability(gt.stem_deltas(rec)) if "plus_stems" in rec else None
+        for k, rec in judged.items()
+    }
+
+
 def score_and_write(res: dict, out: Path, img: Path, title: str, log) -> None:
     """Scores of every predictor at every KL level, the markdown table, the JSON, the figure."""
     preds = {n: torch.tensor(v, dtype=F64) for n, v in res["predictors"].items()}
@@ -130,17 +147,33 @@ def score_and_write(res: dict, out: Path, img: Path, title: str, log) -> None:
             v["top_layer"] = int(ok[v["top_layer"]])
         scores[k] = sc
     res["scores"] = scores
+    res["reliability"] = rel = curve_reliability(res["judged"])
     lines = [
+        f"KL {k}: split-half reliability of the judged curve {r['reliability']:.2f} "
+        f"[{r['reliability_q05']:.2f}, {r['reliability_q95']:.2f}] over {r['n_stems']} stems "
+        f"({r['n_splits']} random halves, Spearman-Brown), ceiling √rel {r['ceiling']:.2f}"
+        if r
+        else f"KL {k}: no per-stem scores (run with --stems all): no reliability, no ceiling"
+        for k, r in rel.items()
+    ]
+    lines += [
+        "",
         "| predictor | "
-        + " | ".join(f"Spearman (KL {k}) | top layer: effect / best (KL {k})" for k in scores)
+        + " | ".join(
+            f"Spearman (KL {k}) | ρ / ceiling (KL {k}) | top layer: effect / best (KL {k})"
+            for k in scores
+        )
         + " |",
-        "|---|" + "---|---|" * len(scores),
+        "|---|" + "---|---|---|" * len(scores),
     ]
     for n in preds:
         cells = []
         for k in scores:
             s = scores[k][n]
-            cells += [f"{s['spearman']:+.2f}", f"l={s['top_layer']}: {s['top_fraction']:.2f}"]
+            c = rel[k]["ceiling"] if rel[k] else 0.0
+            s["fraction_of_ceiling"] = s["spearman"] / c if c > 0 else None
+            frac = f"{s['fraction_of_ceiling']:+.2f}" if c > 0 else "–"
+            cells += [f"{s['spearman']:+.2f}", frac, f"l={s['top_layer']}: {s['top_fraction']:.2f}"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     res["table"] = "\n".join(lines)
     log(res["table"])
@@ -258,7 +291,7 @@ def main() -> None:
     score_and_write(res, out, img, title, log)
 
 
-RELIABILITY_RUNS = [  # (label, result-file stem, KL level): each has a 1-seed and a 3-seed file
+RELIABILITY_RUNS = [  # (label, result-file stem, KL level): a 3-seed file, a 1-seed one or 144
     ("Gemma-3-270m SST-2", "sst2", "0.1"),
     ("Gemma-3-270m SST-2", "sst2", "0.3"),
     ("Gemma-3-270m hate", "hate", "0.1"),
@@ -267,51 +300,84 @@ RELIABILITY_RUNS = [  # (label, result-file stem, KL level): each has a 1-seed a
 ]
 
 
+def _old_halves(res_dir: Path, stem: str, k: str) -> dict | None:
+    """The 12-vs-24 estimate from the saved 1-seed and 3-seed sweeps (no per-stem scores): the
+    1-seed sweep (its own bisected amplitudes, within the 5% tolerance of the 3-seed ones)
+    judged the first 12 of the 3-seed sweep's 36 stems; the other 24 are recovered as
+    (3·mean36 − mean12)/2; `predictors.split_half_reliability` (unequal halves)."""
+    one_name = f"where_to_steer_{stem}.json" if k == "0.1" else f"where_to_steer_{stem}_kl{k}.json"
+    if not (res_dir / one_name).exists():
+        return None
+    one = json.loads((res_dir / one_name).read_text())
+    three = json.loads((res_dir / f"where_to_steer_{stem}_3seeds.json").read_text())
+    s12 = np.array(one["judged"][k]["delta"], dtype=float)
+    m36 = np.array(three["judged"][k]["delta"], dtype=float)
+    amp = np.abs(np.array(one["judged"][k]["amp"]) / np.array(three["judged"][k]["amp"]) - 1)
+    rel = pr.split_half_reliability(s12, (3 * m36 - s12) / 2, 12, 24)
+    return rel | {"amplitude_mismatch_max": float(np.nanmax(amp))}
+
+
 def reliability(log) -> dict:
     """Split-half reliability of the judged per-layer curve from the saved sweeps, no model run.
 
-    The 3-seed sweep's curve is the mean over the 36 held-out stems; the 1-seed sweep (same
-    settings, its own bisected amplitudes, within the 5% bisection tolerance of the 3-seed
-    ones) judged the first 12 of them. Halves: those 12 stems, and the other 24 recovered as
-    (3·mean36 − mean12)/2; `predictors.split_half_reliability` (Spearman-Brown, unequal
-    halves). Each predictor's Spearman with the 36-stem curve is then set beside the ceiling
-    sqrt(reliability) and as a fraction of it."""
+    Where a `--stems all` sweep saved every stem's judged score (where_to_steer_<stem>_144stems
+    .json): `ground_truth.split_half_reliability` over its 144 stems (200 random equal halves,
+    Spearman-Brown; mean and 5-95% spread), also on its first 36 stems alone (the 3-seed
+    sweep's), and the check that those 36 stems reproduce the 3-seed sweep's curve (same
+    amplitudes, greedy decoding); predictors are scored against the 144-stem curve. Elsewhere
+    (labelled "12 vs 24"): the 12-vs-24 estimate of `_old_halves` on the 3-seed sweep's 36
+    stems. Each predictor's Spearman is set beside the ceiling sqrt(reliability) and as a
+    fraction of it."""
     res_dir = ROOT / "benchmarks" / "results"
     out, lines = {}, []
     lines.append(
-        "| setting | KL | r (12 vs 24 stems) | reliability (36) | ceiling √rel | predictor: "
-        "ρ (fraction of ceiling) |"
+        "| setting | KL | stems | reliability [5%, 95%] | ceiling √rel | reliability of 36 "
+        "(12 vs 24 / random halves) | predictor: ρ (fraction of ceiling) |"
     )
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|")
     for label, stem, k in RELIABILITY_RUNS:
-        one_name = (
-            f"where_to_steer_{stem}.json" if k == "0.1" else f"where_to_steer_{stem}_kl{k}.json"
-        )
-        one = json.loads((res_dir / one_name).read_text())
         three = json.loads((res_dir / f"where_to_steer_{stem}_3seeds.json").read_text())
-        s12 = np.array(one["judged"][k]["delta"], dtype=float)
-        m36 = np.array(three["judged"][k]["delta"], dtype=float)
-        rest = (3 * m36 - s12) / 2
-        amp = np.abs(np.array(one["judged"][k]["amp"]) / np.array(three["judged"][k]["amp"]) - 1)
-        rel = pr.split_half_reliability(s12, rest, 12, 24)
-        rel["amplitude_mismatch_max"] = float(np.nanmax(amp))
-        scores = {
-            n: {
-                "spearman": v["spearman"],
-                "fraction_of_ceiling": v["spearman"] / rel["ceiling"] if rel["ceiling"] else None,
+        old = _old_halves(res_dir, stem, k)
+        big = res_dir / f"where_to_steer_{stem}_144stems.json"
+        big = json.loads(big.read_text()) if big.exists() else {}
+        rec = big.get("judged", {}).get(k, {})
+        row = {"setting": label, "kl": k, "halves_12_vs_24": old}
+        if "plus_stems" in rec and not big.get("partial"):
+            d = gt.stem_deltas(rec)
+            rel = gt.split_half_reliability(d)
+            rel36 = gt.split_half_reliability(d[:, :36])
+            m36 = np.array(three["judged"][k]["delta"], dtype=float)
+            diff = np.abs(d[:, :36].mean(1) - m36)
+            row |= {
+                "method": f"{d.shape[1]} stems, random halves",
+                **rel,
+                "random_halves_first_36": rel36,
+                "reproduces_3seeds_max_abs_diff": float(np.nanmax(diff)),
+                "reproduces_3seeds_layers_differing": int((diff > 1e-9).sum()),
             }
-            for n, v in three["scores"][k].items()
-        }
-        out[f"{stem}@{k}"] = {"setting": label, "kl": k, **rel, "scores": scores}
+            scores, n_st = big["scores"][k], f"{d.shape[1]}"
+            r36 = f"{old['reliability']:.2f} / {rel36['reliability']:.2f}" if old else "–"
+            rel_cell = (
+                f"{rel['reliability']:.2f} [{rel['reliability_q05']:.2f}, "
+                f"{rel['reliability_q95']:.2f}]"
+            )
+        elif old is not None:
+            rel = old
+            row |= {"method": "12 vs 24 stems (no per-stem file)", **old}
+            scores, n_st = three["scores"][k], "36 (12 vs 24)"
+            r36, rel_cell = f"{old['reliability']:.2f} / –", f"{old['reliability']:.2f}"
+        else:
+            continue
+        row["scores"] = gt.score_with_ceiling(scores, rel["ceiling"])
+        out[f"{stem}@{k}"] = row
         cells = "; ".join(
             f"{n} {v['spearman']:+.2f} ({v['fraction_of_ceiling']:+.2f})"
             if v["fraction_of_ceiling"] is not None
             else f"{n} {v['spearman']:+.2f}"
-            for n, v in scores.items()
+            for n, v in row["scores"].items()
         )
         lines.append(
-            f"| {label} | {k} | {rel['r_halves']:+.2f} | {rel['reliability']:.2f} "
-            f"| {rel['ceiling']:.2f} | {cells} |"
+            f"| {label} | {k} | {n_st} | {rel_cell} | {rel['ceiling']:.2f} | {r36} | {cells} |"
         )
     table = "\n".join(lines)
     log(table)

@@ -11,7 +11,9 @@ linear in them, and the per-layer predictors built on it are scale-free.
 
 Builders: `Lexicon.from_dict` (any word → score dict), `Lexicon.vader` (vaderSentiment's own
 lexicon: the VADER judge's word valences), `Lexicon.afinn` (AFINN-en-165), `Lexicon.textblob`
-(TextBlob/Pattern's adjective polarities, averaged over senses), `Lexicon.learnt` (smoothed
+(TextBlob/Pattern's adjective polarities, averaged over senses), `Lexicon.profanity`
+(alt-profanity-check's linear SVM: each word's weight × idf, the hate judge's own token weights),
+`Lexicon.learnt` (smoothed
 naive-Bayes log-odds of the normalised token forms in labelled texts). `get_lexicon` builds one
 by name. The word-list builders need the optional judges (`pip install 'steerlin[eval]'`).
 """
@@ -30,7 +32,7 @@ from .errors import InputError
 
 F64 = torch.float64
 MARKERS = (" ", "▁", "Ġ")
-LEXICONS = ("vader", "afinn", "textblob")
+LEXICONS = ("vader", "afinn", "textblob", "profanity")
 
 
 def _tokenizer(model):
@@ -159,6 +161,20 @@ class Lexicon:
             raise _missing("textblob", exc) from exc
         words = {w: float(e[None][0]) for w, e in sentiment.items() if None in e}
         return cls.from_dict(model, words, name="textblob")
+
+    @classmethod
+    def profanity(cls, model) -> Lexicon:
+        """alt-profanity-check's token weights: the linear SVM's coefficient (mean over its
+        calibration folds) times the TF-IDF idf of each vocabulary word (+ = offensive), the
+        per-occurrence contribution to its decision before the l2 document normalisation."""
+        try:
+            from profanity_check import profanity_check as pc
+        except Exception as exc:
+            raise _missing("alt-profanity-check", exc) from exc
+        coef = np.mean([c.estimator.coef_[0] for c in pc.model.calibrated_classifiers_], 0)
+        w = coef * pc.vectorizer.idf_
+        words = {t: float(w[i]) for t, i in pc.vectorizer.vocabulary_.items()}
+        return cls.from_dict(model, words, name="profanity")
 
     @classmethod
     def learnt(

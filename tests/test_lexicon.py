@@ -72,6 +72,13 @@ def test_judge_lexicons(model, name, pkg):
     assert float(lex.scores[_id(model, "movie")]) == 0
 
 
+def test_profanity_lexicon(model):
+    pytest.importorskip("profanity_check")
+    lex = get_lexicon(model, "profanity")
+    assert lex.name == "profanity" and lex.matched >= 10
+    assert float(lex.scores[_id(model, "hate")]) > float(lex.scores[_id(model, "love")])
+
+
 def test_bad_lexicons(model):
     with pytest.raises(SteerlinError, match="lexicon"):
         Lexicon.from_dict(model, {"zebra": 1.0, "quokka": -1.0})  # no token in the vocabulary

@@ -113,6 +113,19 @@ def predictors(model, task: str, nc: int, no: int, d: int, data_dir: str, log) -
     t = time.time()
     probe = pr.probe_accuracy(model, ops, lab)
     timings["probe"] = time.time() - t
+    # in-regime readouts (steerlin.inregime): unit injections at the last prompt token and every
+    # generated position along the calibration stems' unsteered 20-token continuations
+    # (teacher-forced, attention not frozen); |g_l| / sqrt(F_ll), one forward-mode pass
+    t = time.time()
+    learnt = steerlin.Lexicon.learnt(model, list(sp.concept.texts), list(sp.concept.labels))
+    judge_lex = {"sst2": "vader", "hate": "profanity"}[task]
+    lexs = [steerlin.lexicon.get_lexicon(model, judge_lex), learnt]
+    cal = neutral_stems()["calibration"]
+    rg = steerlin.regime_gains(model, cal, dirs, label_words=words, lexicon=lexs, n_tokens=20)
+    timings["in_regime"] = time.time() - t
+    t = time.time()
+    nav = pr.layer_navigator(model, list(sp.concept.texts), list(sp.concept.labels), dirs)
+    timings["layer_navigator"] = time.time() - t
     preds = {
         "exact gain": pr.gain_curve(h),
         "surrogate gain": pr.gain_curve(sur.gains),
@@ -120,6 +133,11 @@ def predictors(model, task: str, nc: int, no: int, d: int, data_dir: str, log) -
         "logit-readout gain² per KL": pr.gain_per_kl(h_logit, F),
         "A_lin (logit lens)": alin,
         "probe accuracy": probe,
+        "in-regime concept |g|/√F": rg.per_kl("concept"),
+        "in-regime label words |g|/√F": rg.per_kl("label_words"),
+        f"in-regime lexicon ({judge_lex}) |g|/√F": rg.per_kl(f"lexicon:{judge_lex}"),
+        "in-regime lexicon (learnt) |g|/√F": rg.per_kl("lexicon:learnt"),
+        "LayerNavigator d+c": nav.s,
     }
     log(f"{task}: predictors in {time.time() - t0:.0f} s")
     return dirs, preds, timings

@@ -25,6 +25,7 @@ from steerlin import loading as models
 from steerlin.errors import FileFormatError, InputError, ModelLoadError, ModelTypeError
 from steerlin.loading import cache as model_cache
 from steerlin.loading import gguf
+from steerlin.loading.common import _unembed_layout
 
 SHARED_CACHE = Path(os.environ.get("STEERLIN_CACHE") or Path.home() / ".cache" / "steerlin")
 PROMPTS = ["The capital of France is", "I loved this film, it was", "2 + 2 ="]
@@ -183,6 +184,46 @@ def test_cache_round_trip_is_exact(tiny_cache):
         back64 = model_cache._read_cache(folder, TINY, "cpu", torch.float64)
         assert back64.cfg.dtype == torch.float64
         torch.testing.assert_close(back64(tokens).float(), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_gated_mlp_weights_stored_transposed_round_trip(tmp_path):
+    """A gated MLP's W_gate / W_in / W_out are held transposed in memory after loading (no copy
+    per forward), with the same values, names and bit-identical logits, through the cache too."""
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_ctx=32,
+        d_head=4,
+        n_heads=4,
+        d_mlp=24,
+        d_vocab=50,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg)
+    assert type(model.blocks[0].mlp).__name__ == "GatedMLP"
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    laid = _unembed_layout(model)
+    for name in ("W_gate", "W_in", "W_out"):
+        w = getattr(laid.blocks[1].mlp, name)
+        assert w.T.is_contiguous() and not w.is_contiguous(), name
+    for k, v in laid.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert torch.equal(laid(tokens), want)
+    model_cache._write_cache(laid, TINY, tmp_path / "gated")
+    back = model_cache._read_cache(tmp_path / "gated", TINY, "cpu", torch.float32)
+    assert back.blocks[0].mlp.W_gate.T.is_contiguous()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert torch.equal(back(tokens), want)
 
 
 def _damage(folder: Path, how: str) -> None:

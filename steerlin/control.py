@@ -273,15 +273,13 @@ class Controller:
         the shift over the prompts' unsteered greedy continuations of `n_tokens` tokens,
         teacher-forced, with the schedule on the last prompt token and every continuation
         token; `n_tokens=0` measures a single forward at the last prompt token only (what
-        positions="last" means in `steerlin.calibrate`); "all" steers every position.
-        positions="last" here used to mean the generation regime ("generated"); it still does
-        for one release, with a DeprecationWarning, and will then mean the last-token forward.
-
-        The one calibration, `steerlin.measure.calibrate` (tol None: its default `TOL`).
-        With a KL budget (`kl=`), `steerlin.budget.size_to_kl` instead: the multiplier from the
-        Fisher of the injection on `prompts`, no bisection (`correct`: one measured steered run
-        and one rescale; `fisher`: a `RegimeFisher` already computed on these prompts);
-        `calibration` is then a `KLCalibration` (predicted and measured KL side by side).
+        positions="last" means in `steerlin.calibrate`); "all" steers every position ("last"
+        here: "generated" for one release, with a DeprecationWarning). The one calibration,
+        `steerlin.measure.calibrate` (tol None: its default `TOL`). With a KL budget (`kl=`),
+        `steerlin.budget.size_to_kl` instead: the multiplier from the Fisher of the injection
+        on `prompts`, no bisection (`correct`: one measured steered run and one rescale;
+        `fisher`: a `RegimeFisher` already computed on these prompts); `calibration` is then
+        a `KLCalibration` (predicted and measured KL side by side).
         Calibrates in place (`calibration` holds the `Calibration` and `apply` uses it) and
         returns self, so `ctrl = ctrl.calibrate(...)` and a bare `ctrl.calibrate(...)` agree.
         """
@@ -405,20 +403,33 @@ class Controller:
         prompts=None,
         n_tokens: int = 8,
         strength: float | None = None,
+        kl=None,
+        gains=None,
+        lexicon=None,
+        label_words=None,
     ) -> Controller:
         """The Controller steerlin recommends for this model and concept, computed from it.
 
-        Which layers: the least-norm schedule over all layers, u_l ∝ h_l, so the layers with the
-        largest gains carry the amplitude (`recommendation["layers"]`: those holding 90% of
-        Σu²). How hard: `sign` x `separations` class separations of the concept readout
-        (default 2; `strength=`, its old name, still works for one release), calibrated on
-        `model` over `prompts` in the generation regime when both are given (the multiplier is
-        then measured on the user's model, not assumed); then `recommendation` also ranks the
-        layers for single-layer steering by gain per unit KL, h_l²/F_ll (F: `kl_metric` on the
-        same prompts; `best_single_layer`, `layer_ranking`, `gain_per_kl`). Why min-norm at
-        |t| = 2 by default: steer-eval's comparison of strategies (docs/results.md).
-        `ctrl.recommendation` says what each choice was based on.
+        With a KL budget (`kl`, nats per token; "evidence": the budget the evidence used):
+        the objective that moved held-out text most at that budget in the measured evidence
+        (`steerlin.objective.EVIDENCE`, from benchmarks/kl_outcome.py) among those the inputs
+        support (an in-regime readout needs `gains`, a `RegimeGains` on `prompts`, or a
+        `lexicon`/`label_words` to measure them with), sized on `model` over `prompts`.
+        Without: the least-norm schedule over all layers (u_l ∝ h_l; `recommendation["layers"]`
+        hold 90% of Σu²) at `sign` x `separations` class separations (default 2; `strength=`,
+        its old name, for one release), calibrated on `model` over `prompts` when given, with
+        single layers ranked by h_l²/F_ll (`best_single_layer`, `layer_ranking`,
+        `gain_per_kl`). `ctrl.recommendation["based_on"]` says what each choice rests on.
         """
+        if kl is not None:
+            from .objective import recommend_kl
+
+            if separations is not None or strength is not None:
+                raise InputError("kl: pass a KL budget or separations=, not both")
+            kw = dict(gains=gains, lexicon=lexicon, label_words=label_words, n_tokens=n_tokens)
+            return recommend_kl(
+                cls, surrogate, sign=sign, model=model, prompts=prompts, kl=kl, **kw
+            )
         if strength is not None:
             if separations is not None:
                 raise InputError("separations: pass separations= only (strength= is its old name)")

@@ -178,15 +178,135 @@ def in_regime(
     )
 
 
-#: what `Controller.recommend(kl=...)` bases its choice on: the judged outcome at a KL budget
-#: on 144 held-out stems (benchmarks/kl_outcome.py, Gemma-3-270m, SST-2; VADER and TextBlob).
-#: Filled from benchmarks/results/kl_outcome.json; see `recommend`.
+def choose(rows: list[dict], budget: float | None = None, *, max_ppl: float = 1.5) -> dict:
+    """The rule `recommend` applies to judged evidence (rows of benchmarks/kl_outcome.py):
+    among the KL-budget rows (at `budget` if given) whose perplexity ratio is ≤ `max_ppl` at
+    both signs and whose second, independent judge (TextBlob) moves with a 95% CI above 0,
+    the one with the largest VADER Δ(+,−); {"row", "objective", "budget", "vader", ...}."""
+    ok = [
+        r
+        for r in rows
+        if r.get("budget") is not None
+        and (budget is None or r["budget"] == budget)
+        and max(r["ppl_ratio"].values()) <= max_ppl
+        and r["textblob"]["ci95"][0] > 0
+    ]
+    if not ok:
+        return {
+            "row": None,
+            "objective": "min-norm",
+            "budget": budget,
+            "reason": "no row qualifies",
+        }
+    r = max(ok, key=lambda r: r["vader"]["delta"])
+    return {
+        "row": r["row"],
+        "objective": r["objective"],
+        "budget": r["budget"],
+        "layers": r["layers"],
+        "vader": r["vader"]["delta"],
+        "vader_ci95": r["vader"]["ci95"],
+        "textblob": r["textblob"]["delta"],
+        "ppl_ratio": r["ppl_ratio"],
+        "measured_kl": r["measured_kl"],
+        "candidates": [x["row"] for x in ok],
+    }
+
+
+#: what `Controller.recommend(kl=...)` bases its choice on: `choose` applied to the judged
+#: outcome at a KL budget on 144 held-out stems (benchmarks/kl_outcome.py, Gemma-3-270m,
+#: SST-2, VADER and TextBlob), copied from benchmarks/results/kl_outcome.json. "ranking": the
+#: qualifying objectives, best first; recommend takes the first the caller's inputs support.
 EVIDENCE = {
     "source": "benchmarks/results/kl_outcome.json",
-    "objective": "min-norm",
-    "readout": None,
+    "ranking": ["min-norm"],
+    "budget": 0.1,
     "figures": "pending",
 }
+
+
+def _supported(objective: str, gains, lexicon, label_words) -> bool:
+    if not objective.startswith("in-regime:"):
+        return True
+    rd = objective.split(":")[1]
+    have = getattr(gains, "gains", None)
+    if isinstance(have, dict):
+        return rd in have
+    return (
+        rd == "concept"
+        or (rd == "lexicon" and lexicon is not None)
+        or (rd == "label_words" and label_words is not None)
+    )
+
+
+def recommend_kl(
+    cls, surrogate, *, sign, model, prompts, kl, n_tokens, gains, lexicon, label_words
+):
+    """`Controller.recommend(kl=...)`: the evidence's best objective the inputs support."""
+    from .budget import check_budget, continuations
+
+    if model is None or prompts is None:
+        raise InputError("kl: recommend(kl=...) needs model= and prompts= to size the schedule on")
+    if sign not in (1, -1):
+        raise InputError(f"sign: expected +1 or -1, got {sign!r}")
+    kl = EVIDENCE["budget"] if isinstance(kl, str) and kl == "evidence" else kl
+    kl = check_budget("kl", kl)
+    ranking = EVIDENCE["ranking"]
+    pick = next(o for o in ranking + ["min-norm"] if _supported(o, gains, lexicon, label_words))
+    skipped = ranking[: ranking.index(pick)] if pick in ranking else ranking
+    if pick == "min-norm":
+        ctrl = cls(surrogate, float(sign), kl=kl).calibrate(model, prompts, n_tokens=n_tokens)
+        readout = None
+    else:
+        readout = pick.split(":")[1]
+        cont = continuations(model, prompts, n_tokens)
+        if getattr(gains, "gains", None) is None:
+            from .inregime import regime_gains
+
+            b = surrogate.P[:-1, :, 0].to(F64) * torch.as_tensor(surrogate.meta["scale"])[
+                : surrogate.n_layers, None
+            ].to(F64)
+            kw = {"lexicon": lexicon} if readout == "lexicon" else {}
+            if readout == "label_words":
+                kw["label_words"] = label_words
+            gains = regime_gains(
+                model,
+                cont,
+                b,
+                readouts=(readout,),
+                concept=surrogate.P[-1, :, 0],
+                n_tokens=n_tokens,
+                **kw,
+            )
+        ctrl = cls.in_regime(
+            surrogate,
+            gains,
+            model=model,
+            prompts=cont,
+            readout=readout,
+            kl=kl,
+            sign=sign,
+            single_layer=":layer" in pick,
+        )
+    sched = ctrl.calibrated
+    ctrl.recommendation = {
+        "strategy": sched.meta.get("strategy"),
+        "objective": pick,
+        "readout": readout,
+        "kl": kl,
+        "kl_stat": "mean",
+        "sign": sign,
+        "layers": sched.layers,
+        "multiplier": ctrl.calibration.multiplier,
+        "based_on": f"{EVIDENCE['source']}: {EVIDENCE['figures']}"
+        + (
+            f"; skipped {skipped} (pass gains=, lexicon= or label_words= for them)"
+            if skipped
+            else ""
+        ),
+        "evidence": dict(EVIDENCE),
+    }
+    return ctrl
 
 
 __all__ = [
@@ -198,4 +318,6 @@ __all__ = [
     "best_layer",
     "objective_direction",
     "in_regime",
+    "choose",
+    "recommend_kl",
 ]

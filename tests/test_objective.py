@@ -13,6 +13,7 @@ from conftest import greedy_continuations, make_gemma_like, random_prompts
 from steerlin import ConceptDirections, Controller, Surrogate
 from steerlin.budget import measured_token_kl, schedule_fisher
 from steerlin.errors import InputError, LayerError, SteerlinError
+from steerlin.inregime import regime_gains
 from steerlin.objective import best_layer, gain_per_sqrt_kl
 
 F64 = torch.float64
@@ -155,3 +156,46 @@ def test_bad_input(setup):
     other = greedy_continuations(m, random_prompts(m, 3, 3, 8, seed=8), 5)
     with pytest.raises(InputError, match="fisher"):  # sized on prompts it was not computed on
         Controller.in_regime(sur, rg, model=m, prompts=other)
+
+
+def test_recommend_with_a_kl_budget(setup, monkeypatch):
+    """recommend(kl=) follows the evidence's ranking as far as the inputs allow, sizes the pick
+    to the budget and says what it rests on; without kl it is unchanged (test_steering)."""
+    import steerlin.objective as ob
+
+    m, dirs, sur, cont, fi, rg = setup
+    rec = Controller.recommend(sur, model=m, prompts=cont, kl=0.02, n_tokens=5)
+    r = rec.recommendation
+    assert r["objective"] == "min-norm" and r["kl"] == 0.02
+    assert ob.EVIDENCE["source"] in r["based_on"]
+    assert fi.predict(rec.calibrated.amplitudes) == pytest.approx(0.02, rel=1e-6)
+    u0 = Controller(sur).schedule.amplitudes
+    assert torch.allclose(rec.calibrated.amplitudes / r["multiplier"], u0)
+    ranking = ["in-regime:lexicon:layer 9", "in-regime:label_words", "in-regime:concept"]
+    monkeypatch.setitem(ob.EVIDENCE, "ranking", ranking)
+    # no lexicon, no label words: the concept readout's gains are measured here
+    got = Controller.recommend(sur, model=m, prompts=cont, kl=0.02, n_tokens=5, sign=-1)
+    g = got.recommendation
+    assert g["objective"] == "in-regime:concept" and "skipped" in g["based_on"]
+    assert g["layers"] == got.calibrated.layers and g["sign"] == -1
+    b = fi.b  # the surrogate's injections, measured as the user would
+    rgc = regime_gains(m, cont, b, readouts=("concept",), concept=sur.P[-1, :, 0], n_tokens=5)
+    want = Controller.in_regime(
+        sur, rgc, model=m, prompts=cont, readout="concept", kl=0.02, sign=-1
+    )
+    assert torch.allclose(got.calibrated.amplitudes, want.calibrated.amplitudes)
+    assert fi.predict(got.calibrated.amplitudes) == pytest.approx(0.02, rel=1e-6)
+    # gains that hold the lexicon readout: its single best layer, as the evidence ranks first
+    lex = Controller.recommend(sur, model=m, prompts=cont, kl=0.02, n_tokens=5, gains=rg)
+    one = Controller.in_regime(sur, rg, model=m, prompts=cont, kl=0.02, single_layer=True)
+    assert lex.recommendation["objective"] == ranking[0]
+    assert torch.allclose(lex.calibrated.amplitudes, one.calibrated.amplitudes)
+    for bad in (0, float("nan"), -1):
+        with pytest.raises(InputError, match="kl"):
+            Controller.recommend(sur, model=m, prompts=cont, kl=bad)
+    with pytest.raises(InputError, match="model="):
+        Controller.recommend(sur, kl=0.1)
+    with pytest.raises(InputError, match="not both"):
+        Controller.recommend(sur, model=m, prompts=cont, kl=0.1, separations=2)
+    with pytest.raises(InputError, match="sign"):
+        Controller.recommend(sur, model=m, prompts=cont, kl=0.1, sign=0)

@@ -356,24 +356,46 @@ def reliability(log) -> dict:
     for label, stem, k in RELIABILITY_RUNS:
         three = json.loads((res_dir / f"where_to_steer_{stem}_3seeds.json").read_text())
         old = _old_halves(res_dir, stem, k)
-        big = res_dir / f"where_to_steer_{stem}_144stems.json"
-        big = json.loads(big.read_text()) if big.exists() else {}
+        big_path = res_dir / f"where_to_steer_{stem}_144stems.json"
+        big = json.loads(big_path.read_text()) if big_path.exists() else {}
         rec = big.get("judged", {}).get(k, {})
         row = {"setting": label, "kl": k, "halves_12_vs_24": old}
-        if "plus_stems" in rec and not big.get("partial"):
-            d = gt.stem_deltas(rec)
+        if len(rec.get("plus_stems", [])) >= 3:  # a Spearman over at least 3 layers
+            d = gt.stem_deltas(rec)  # [layers done, stems]
+            done, L = d.shape[0], len(three["judged"][k]["delta"])
             rel = gt.split_half_reliability(d)
+            by_n = {n: gt.split_half_reliability(d, n_stems=n) for n in (36, 72, 108)}
             rel36 = gt.split_half_reliability(d[:, :36])
-            m36 = np.array(three["judged"][k]["delta"], dtype=float)
+            m36 = np.array(three["judged"][k]["delta"], dtype=float)[:done]
             diff = np.abs(d[:, :36].mean(1) - m36)
             row |= {
-                "method": f"{d.shape[1]} stems, random halves",
+                "method": f"{d.shape[1]} stems, random halves"
+                + (f" (partial: layers 0-{done - 1} of {L})" if done < L else ""),
                 **rel,
-                "random_halves_first_36": rel36,
+                "layers_done": done,
+                "random_subsets": {n: v["reliability"] for n, v in by_n.items()},
+                "first_36": rel36,
                 "reproduces_3seeds_max_abs_diff": float(np.nanmax(diff)),
                 "reproduces_3seeds_layers_differing": int((diff > 1e-9).sum()),
             }
-            scores, n_st = big["scores"][k], f"{d.shape[1]}"
+            if done == L and "scores" in big:
+                if "reliability" not in big:  # written before the table carried the ceiling
+                    a = big["args"]
+                    title = f"{a['model']}, {a['task']}: judged effect per layer at matched KL"
+                    img = ROOT / "docs" / "img" / f"where_to_steer_{stem}_144stems.png"
+                    score_and_write(big, big_path, img, title + " vs predictors", log)
+                scores = big["scores"][k]
+            else:  # a partial sweep: the predictors on the layers judged so far
+                dl = torch.tensor(rec["delta"], dtype=F64)
+                ok = ~torch.isnan(dl)
+                scores = pr.score_predictors(
+                    {
+                        n: torch.tensor(v[:done], dtype=F64)[ok]
+                        for n, v in big["predictors"].items()
+                    },
+                    dl[ok],
+                )
+            n_st = f"{d.shape[1]}" + (f" ({done}/{L} layers)" if done < L else "")
             r36 = f"{old['reliability']:.2f} / {rel36['reliability']:.2f}" if old else "–"
             rel_cell = (
                 f"{rel['reliability']:.2f} [{rel['reliability_q05']:.2f}, "

@@ -260,7 +260,7 @@ def plot(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(9, 7))
     for i, r in enumerate(rows):
         x = r["measured_kl"]["mean"]
         for jn, mk, dx in (("vader", "o", 0.0), ("textblob", "s", 0.004)):
@@ -282,9 +282,9 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_xlabel("measured mean per-token KL on the held-out stems (nats)")
     ax.set_ylabel("judged Δ(+,−): VADER (filled), TextBlob (open); 95% CI")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(bottom=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -292,7 +292,11 @@ def plot(rows, path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budgets", default="0.1,0.3", help="KL budgets (all rows at the first)")
+    ap.add_argument(
+        "--budgets",
+        default="0.1",
+        help="KL budgets (all rows at the first; lexicon and min-norm at the others)",
+    )
     ap.add_argument("--stems", type=int, default=None, help="held-out stems (default all 144)")
     ap.add_argument("--tokens", type=int, default=24, help="generated tokens judged")
     ap.add_argument("--cal-stems", type=int, default=12, help="calibration stems")

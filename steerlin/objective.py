@@ -198,7 +198,8 @@ def choose(rows: list[dict], budget: float | None = None, *, max_ppl: float = 1.
             "budget": budget,
             "reason": "no row qualifies",
         }
-    r = max(ok, key=lambda r: r["vader"]["delta"])
+    ok = sorted(ok, key=lambda r: -r["vader"]["delta"])
+    r = ok[0]
     return {
         "row": r["row"],
         "objective": r["objective"],
@@ -210,6 +211,7 @@ def choose(rows: list[dict], budget: float | None = None, *, max_ppl: float = 1.
         "ppl_ratio": r["ppl_ratio"],
         "measured_kl": r["measured_kl"],
         "candidates": [x["row"] for x in ok],
+        "ranking": [x["objective"] for x in ok],
     }
 
 

@@ -199,3 +199,34 @@ def test_recommend_with_a_kl_budget(setup, monkeypatch):
         Controller.recommend(sur, model=m, prompts=cont, kl=0.1, separations=2)
     with pytest.raises(InputError, match="sign"):
         Controller.recommend(sur, model=m, prompts=cont, kl=0.1, sign=0)
+
+
+def test_choose_applies_the_evidence_rule():
+    """choose: KL rows at the budget, perplexity ≤ 1.5x at both signs, the second judge's CI
+    above 0; the largest VADER Δ first."""
+    from steerlin.objective import choose
+
+    def row(name, obj, budget, v, tb_lo, ppl):
+        return {
+            "row": name,
+            "objective": obj,
+            "budget": budget,
+            "layers": [1],
+            "vader": {"delta": v, "ci95": [v - 0.1, v + 0.1]},
+            "textblob": {"delta": tb_lo + 0.1, "ci95": [tb_lo, tb_lo + 0.2]},
+            "ppl_ratio": {"+": ppl, "-": 1.0},
+            "measured_kl": {"mean": 0.1, "p95": 0.3},
+        }
+
+    rows = [
+        row("t = 2", "min-norm", None, 1.5, 0.2, 1.2),  # no budget: not a candidate
+        row("too rough", "in-regime:lexicon", 0.1, 1.2, 0.2, 1.6),
+        row("self-scored", "in-regime:concept", 0.1, 1.1, -0.05, 1.1),
+        row("a", "in-regime:label_words", 0.1, 0.7, 0.1, 1.3),
+        row("b", "min-norm", 0.1, 0.5, 0.1, 1.1),
+        row("other budget", "min-norm", 0.3, 0.9, 0.1, 1.2),
+    ]
+    got = choose(rows, 0.1)
+    assert got["row"] == "a" and got["ranking"] == ["in-regime:label_words", "min-norm"]
+    assert choose(rows)["row"] == "other budget"
+    assert choose(rows[:3], 0.1)["row"] is None and choose(rows[:3], 0.1)["objective"] == "min-norm"

@@ -230,3 +230,25 @@ def test_choose_applies_the_evidence_rule():
     assert got["row"] == "a" and got["ranking"] == ["in-regime:label_words", "min-norm"]
     assert choose(rows)["row"] == "other budget"
     assert choose(rows[:3], 0.1)["row"] is None and choose(rows[:3], 0.1)["objective"] == "min-norm"
+
+
+def test_with_measured_regime_gains(setup):
+    """A real RegimeGains (regime_gains: the concept readout and label-word logits as token ids)
+    feeds the objective directly; its single-layer pick is RegimeGains.per_kl's top layer."""
+    m, dirs, sur, cont, fi, rg = setup
+    got = regime_gains(
+        m, cont, dirs, readouts=("concept", "label_words"), label_words=(1, 2), n_tokens=5
+    )
+    for rd in ("concept", "label_words"):
+        one = Controller.in_regime(
+            dirs, got, model=m, prompts=cont, readout=rd, kl=0.01, single_layer=True
+        )
+        assert one.calibrated.layers == [int(torch.argmax(got.per_kl(rd)))]
+        full = Controller.in_regime(dirs, got, model=m, prompts=cont, readout=rd, kl=0.01)
+        assert got.fisher.predict(full.calibrated.amplitudes) == pytest.approx(0.01, rel=1e-9)
+        g = got.gains[rd].to(F64)
+        assert (
+            float(g @ full.calibrated.amplitudes.to(F64))
+            >= float(g @ one.calibrated.amplitudes.to(F64)) * (1 - 1e-9)
+            > 0
+        )

@@ -115,7 +115,8 @@ def predictors(model, task: str, nc: int, no: int, d: int, data_dir: str, log) -
     timings["probe"] = time.time() - t
     # in-regime readouts (steerlin.inregime): unit injections at the last prompt token and every
     # generated position along the calibration stems' unsteered 20-token continuations
-    # (teacher-forced, attention not frozen); |g_l| / sqrt(F_ll), one forward-mode pass
+    # (teacher-forced, attention not frozen); abs(g_l) / sqrt(F_ll) ("|" would split a markdown
+    # table cell), one forward-mode pass
     t = time.time()
     learnt = steerlin.Lexicon.learnt(model, list(sp.concept.texts), list(sp.concept.labels))
     judge_lex = {"sst2": "vader", "hate": "profanity"}[task]
@@ -133,10 +134,10 @@ def predictors(model, task: str, nc: int, no: int, d: int, data_dir: str, log) -
         "logit-readout gain² per KL": pr.gain_per_kl(h_logit, F),
         "A_lin (logit lens)": alin,
         "probe accuracy": probe,
-        "in-regime concept |g|/√F": rg.per_kl("concept"),
-        "in-regime label words |g|/√F": rg.per_kl("label_words"),
-        f"in-regime lexicon ({judge_lex}) |g|/√F": rg.per_kl(f"lexicon:{judge_lex}"),
-        "in-regime lexicon (learnt) |g|/√F": rg.per_kl("lexicon:learnt"),
+        "in-regime concept abs(g)/√F": rg.per_kl("concept"),
+        "in-regime label words abs(g)/√F": rg.per_kl("label_words"),
+        f"in-regime lexicon ({judge_lex}) abs(g)/√F": rg.per_kl(f"lexicon:{judge_lex}"),
+        "in-regime lexicon (learnt) abs(g)/√F": rg.per_kl("lexicon:learnt"),
         "LayerNavigator d+c": nav.s,
     }
     log(f"{task}: predictors in {time.time() - t0:.0f} s")

@@ -336,6 +336,33 @@ def _old_halves(res_dir: Path, stem: str, k: str) -> dict | None:
     return rel | {"amplitude_mismatch_max": float(np.nanmax(amp))}
 
 
+def _merge_predictors(res: dict, src: dict, src_name: str, log) -> bool:
+    """Predictor rows of `src` (the 3-seed sweep of the same task and model) that `res` lacks
+    are copied into it: the predictors do not depend on the judged stems (concept/operating
+    splits and calibration stems only), and the rows both have must agree (1e-4), else
+    nothing is copied. True if rows were added (recorded in res["predictors_merged_from"])."""
+    keys = ("task", "model", "sizes", "d")
+    if any(res["args"].get(k) != src["args"].get(k) for k in keys):
+        return False
+    new = [n for n in src["predictors"] if n not in res["predictors"]]
+    for n, v in res["predictors"].items():
+        if n in src["predictors"] and not np.allclose(
+            np.array(v, dtype=float),
+            np.array(src["predictors"][n], dtype=float),
+            rtol=1e-4,
+            atol=1e-9,
+            equal_nan=True,
+        ):
+            log(f"predictor {n!r} differs from {src_name}: rows not merged")
+            return False
+    if not new:
+        return False
+    res["predictors"] |= {n: src["predictors"][n] for n in new}
+    res["predictors_merged_from"] = {"file": src_name, "rows": new}
+    log(f"merged predictor rows {new} from {src_name}")
+    return True
+
+
 def reliability(log) -> dict:
     """Split-half reliability of the judged per-layer curve from the saved sweeps, no model run.
 
@@ -380,7 +407,9 @@ def reliability(log) -> dict:
                 "reproduces_3seeds_layers_differing": int((diff > 1e-9).sum()),
             }
             if done == L and "scores" in big:
-                if "reliability" not in big:  # written before the table carried the ceiling
+                if _merge_predictors(big, three, f"where_to_steer_{stem}_3seeds.json", log) or (
+                    "reliability" not in big  # written before the table carried the ceiling
+                ):
                     a = big["args"]
                     title = f"{a['model']}, {a['task']}: judged effect per layer at matched KL"
                     img = ROOT / "docs" / "img" / f"where_to_steer_{stem}_144stems.png"

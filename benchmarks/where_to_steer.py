@@ -223,6 +223,12 @@ def main() -> None:
         help="a result file (same task and model) whose matched-KL amplitudes are reused "
         "(they are defined on the calibration stems only): no bisection",
     )
+    ap.add_argument(
+        "--predictors-from",
+        default="",
+        help="a result file (same task, model, sizes, d) whose predictor rows are reused (they "
+        "do not depend on the judged stems): only the directions are fitted here",
+    )
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
@@ -254,7 +260,24 @@ def main() -> None:
                 setattr(args, k, old["args"][k])
     model = steerlin.load_model(args.model)
     nc, no = (int(x) for x in args.sizes.split(","))
-    dirs, preds, timings = predictors(model, args.task, nc, no, args.d, args.data_dir, log)
+    pfrom = {}
+    if args.predictors_from and old is None:  # the directions only; the predictor rows copied
+        pfrom = json.loads(Path(args.predictors_from).read_text())
+        for k in ("task", "model", "sizes", "d"):
+            if pfrom["args"][k] != getattr(args, k):
+                raise SystemExit(
+                    f"--predictors-from: {k} {pfrom['args'][k]!r} != {getattr(args, k)!r}"
+                )
+        tk = steerlin.load_task(TASKS[args.task], data_dir=args.data_dir)
+        sp = tk.split(nc, no, 0, seed=0)  # as predictors() does
+        dirs = steerlin.ConceptDirections.fit(
+            model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
+        )
+        preds = {n: torch.tensor(v, dtype=F64) for n, v in pfrom["predictors"].items()}
+        timings = {}
+        pfrom = {"predictors_from": Path(args.predictors_from).name}
+    else:
+        dirs, preds, timings = predictors(model, args.task, nc, no, args.d, args.data_dir, log)
     if old is not None:
         res = old | {"predictors": {n: p.tolist() for n, p in preds.items()}}
         res["timings_s"] = old.get("timings_s", {}) | timings
@@ -265,6 +288,7 @@ def main() -> None:
     t = time.time()
     levels = [float(x) for x in args.kl.split(",")]
     partial = {"args": vars(args), "predictors": {n: p.tolist() for n, p in preds.items()}}
+    partial |= pfrom
     save = lambda judged: out.write_text(json.dumps(partial | {"judged": judged, "partial": True}))
     stems = neutral_stems()
     held = (
@@ -306,7 +330,7 @@ def main() -> None:
         "judged": judged,
         "stems": held,
         "timings_s": timings,
-    }
+    } | pfrom
     score_and_write(res, out, img, title, log)
 
 

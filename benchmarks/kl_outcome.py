@@ -368,8 +368,6 @@ def main() -> None:
     head = {
         "benchmark": "kl_outcome",
         **env,
-        "command": "python benchmarks/kl_outcome.py --threads 1"
-        + (" --quick" if args.quick else ""),
         "args": vars(args),
         "model": "gemma-3-270m",
         "task": "sst2",
@@ -390,8 +388,10 @@ def main() -> None:
     done, samples = {}, {"prompt": held, "unsteered": base_cont.texts}
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
-        if old.get("args") == vars(args):
+        same = ("sizes", "d", "tokens", "stems", "cal_stems", "cal_tokens", "data_dir", "quick")
+        if all(old.get("args", {}).get(k) == getattr(args, k) for k in same):
             done = {r["row"]: r for r in old.get("rows", [])}
+            head["rows_reused_from"] = old.get("command")
             samples = old.get("samples", samples)
     rows = []
     for name, make in specs.items():

@@ -117,7 +117,7 @@ def _word_ids(model, words, side: str) -> list[int]:
             if model.tokenizer is None:
                 raise InputError("label_words: the model has no tokenizer; pass token ids")
             toks = model.to_tokens(w, prepend_bos=False)[0].tolist()
-            if len(toks) == 1:
+            if len(toks) == 1 and toks[0] != getattr(model.tokenizer, "unk_token_id", None):
                 ids.append(int(toks[0]))
         else:
             raise InputError(f"label_words: expected words or token ids, got {w!r}")
@@ -131,8 +131,8 @@ def _word_ids(model, words, side: str) -> list[int]:
 
 def label_ids(model, label_words) -> tuple[list[int], list[int]]:
     """(positive ids, negative ids) from label_words = (positive, negative), each side a word,
-    a token id or a list of them; words that are not one token are left out (a side with none
-    raises InputError)."""
+    a token id or a list of them; words that are not one token (or only the unknown token) are
+    left out (a side with none raises InputError)."""
     if label_words is None or isinstance(label_words, str):
         raise InputError(f"label_words: expected (positive, negative), got {label_words!r}")
     try:

@@ -147,6 +147,23 @@ def test_bad_input(setup):
     assert count_hooks(m) == 0
 
 
+def test_label_words_through_a_tokenizer():
+    from _wordtok import with_tokenizer
+    from conftest import make_gemma_like
+
+    from steerlin.inregime import label_ids
+
+    m = with_tokenizer(make_gemma_like(n_layers=1))
+    tok = m.tokenizer
+    pos, neg = label_ids(m, (["good", "great", "zebra"], "bad"))
+    assert pos == sorted(tok.convert_tokens_to_ids(["good", "great"]))  # "zebra" is <unk>
+    assert neg == [tok.convert_tokens_to_ids("bad")]
+    with pytest.raises(SteerlinError, match="label_words.*positive"):
+        label_ids(m, (["zebra", "quokka"], "bad"))
+    with pytest.raises(SteerlinError, match="label_words.*negative"):
+        label_ids(m, ("good", "good bad"))  # two tokens
+
+
 def test_hooks_removed_after_an_exception(setup, monkeypatch):
     m, dirs, cont, lex, rg = setup
     import steerlin.budget as budget

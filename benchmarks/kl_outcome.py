@@ -235,10 +235,18 @@ def table(rows) -> str:
     lines = [
         "| row | budget | VADER Δ(+,−) ± sd (12×12) [95% CI] | TextBlob Δ(+,−) [95% CI] "
         "| ppl ratio + / − | measured KL mean / p95 (held-out) | predicted mean / p95 (cal.) "
-        "| goal |",
-        "|---|---|---|---|---|---|---|---|",
+        "| VADER / TextBlob Δ − default's, paired [95% CI] | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        pd = r.get("vs_default")
+        pair = (
+            "—"
+            if pd is None
+            else f"{pd['vader']['diff']:+.3f} [{pd['vader']['ci95'][0]:+.2f}, "
+            f"{pd['vader']['ci95'][1]:+.2f}] / {pd['textblob']['diff']:+.3f} "
+            f"[{pd['textblob']['ci95'][0]:+.2f}, {pd['textblob']['ci95'][1]:+.2f}]"
+        )
         v, t = r["vader"], r["textblob"]
         b = "—" if r["budget"] is None else f"{r['budget']:g}"
         lines.append(
@@ -248,7 +256,7 @@ def table(rows) -> str:
             f"| {r['ppl_ratio']['+']:.2f} / {r['ppl_ratio']['-']:.2f} "
             f"| {r['measured_kl']['mean']:.3f} / {r['measured_kl']['p95']:.3f} "
             f"| {r['predicted_kl_calibration']['mean']:.3f} / "
-            f"{r['predicted_kl_calibration']['p95']:.3f} "
+            f"{r['predicted_kl_calibration']['p95']:.3f} | {pair} "
             f"| {'meets' if r['meets_goal'] else 'misses'} |"
         )
     return "\n".join(lines)
@@ -290,6 +298,45 @@ def plot(rows, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def paired(res: dict, default: str, boot: int = 2000, seed: int = 0) -> None:
+    """Each row's per-stem Δ(+,−) minus the default row's on the same stems (both judges,
+    re-judged from the saved texts), with a bootstrap 95% CI over stems, into row["vs_default"]."""
+    judges = {"vader": get_judge("vader"), "textblob": get_judge("textblob")}
+    smp = res["samples"]
+    per = {
+        name: {
+            jn: np.asarray(j(smp[name]["+"])) - np.asarray(j(smp[name]["-"]))
+            for jn, j in judges.items()
+        }
+        for name in [r["row"] for r in res["rows"]]
+        if name in smp
+    }
+    if default not in per:
+        return
+    rng = np.random.default_rng(seed)
+    n = len(smp["prompt"])
+    idx = rng.integers(0, n, (boot, n))
+    for r in res["rows"]:
+        if r["row"] not in per or r["row"] == default:
+            r.pop("vs_default", None)
+            continue
+        r["vs_default"] = {"default": default}
+        for jn in judges:
+            d = per[r["row"]][jn] - per[default][jn]
+            bs = d[idx].mean(1)
+            ci = [float(np.quantile(bs, 0.025)), float(np.quantile(bs, 0.975))]
+            r["vs_default"][jn] = {"diff": float(d.mean()), "ci95": ci}
+
+
+def report(out: Path, png: Path, log) -> None:
+    """--report: paired differences, the recommend pick, table, verdict and figure, from the
+    saved result (no model run)."""
+    res = json.loads(out.read_text())
+    kl0 = float(res["args"]["budgets"].split(",")[0])
+    head = {k: v for k, v in res.items() if k not in ("rows", "samples", "table", "verdict")}
+    finish(head, res["rows"], res["samples"], out, png, kl0, res["wall_s"], res["partial"], log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -309,6 +356,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--resume", action="store_true", help="reuse finished rows of a partial run")
+    ap.add_argument("--report", action="store_true", help="tables and figure from the result")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.d, args.tokens, args.stems, args.budgets = "32,16", 4, 6, 12, "0.1"
@@ -320,6 +368,8 @@ def main() -> None:
     tag = "_quick" if args.quick else ""
     out = C.RESULTS / f"kl_outcome{tag}.json"
     png = ROOT / "docs" / "img" / f"kl_outcome{tag}.png"
+    if args.report:
+        return report(out, png, log)
     budgets = [float(x) for x in args.budgets.split(",")]
     T = args.cal_tokens
     model = steerlin.load_model("gemma-3-270m")
@@ -419,6 +469,7 @@ def main() -> None:
 
 def finish(head, rows, samples, out, png, kl0, wall, partial, log) -> None:
     """The result file, table, verdict and figure from the rows so far."""
+    paired({"rows": rows, "samples": samples}, f"min-norm KL {kl0:g}", head["args"]["boot"])
     pick = choose(rows, kl0)
     at = [r for r in rows if r["budget"] == kl0]
     res = dict(head, wall_s=wall, partial=partial, rows=rows, recommend_pick=pick)

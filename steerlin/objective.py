@@ -179,10 +179,15 @@ def in_regime(
 
 
 def choose(rows: list[dict], budget: float | None = None, *, max_ppl: float = 1.5) -> dict:
-    """The rule `recommend` applies to judged evidence (rows of benchmarks/kl_outcome.py):
-    among the KL-budget rows (at `budget` if given) whose perplexity ratio is ≤ `max_ppl` at
-    both signs and whose second, independent judge (TextBlob) moves with a 95% CI above 0,
-    the one with the largest VADER Δ(+,−); {"row", "objective", "budget", "vader", ...}."""
+    """The rule `recommend` applies to judged evidence (rows of benchmarks/kl_outcome.py).
+
+    Candidates: the KL-budget rows (at `budget` if given) whose perplexity ratio is ≤
+    `max_ppl` at both signs and whose second, independent judge (TextBlob) moves with a 95% CI
+    above 0. The default objective (min-norm) is kept unless another candidate beats it on the
+    same stems: its paired VADER Δ difference (row["vs_default"]) has a 95% CI above 0. Ranking:
+    those better objectives by VADER Δ, then min-norm (or, with no eligible min-norm row, all
+    candidates by VADER Δ); {"row", "objective", "budget", "vader", ..., "ranking"}.
+    """
     ok = [
         r
         for r in rows
@@ -192,14 +197,15 @@ def choose(rows: list[dict], budget: float | None = None, *, max_ppl: float = 1.
         and r["textblob"]["ci95"][0] > 0
     ]
     if not ok:
-        return {
-            "row": None,
-            "objective": "min-norm",
-            "budget": budget,
-            "reason": "no row qualifies",
-        }
-    ok = sorted(ok, key=lambda r: -r["vader"]["delta"])
-    r = ok[0]
+        return {"row": None, "objective": "min-norm", "budget": budget, "reason": "none qualifies"}
+    by_delta = sorted(ok, key=lambda r: -r["vader"]["delta"])
+    default = next((r for r in by_delta if r["objective"] == "min-norm"), None)
+    if default is None:
+        ranked = by_delta
+    else:
+        ci_low = lambda r: r.get("vs_default", {}).get("vader", {}).get("ci95", [0.0])[0]
+        ranked = [r for r in by_delta if r is not default and ci_low(r) > 0] + [default]
+    r = ranked[0]
     return {
         "row": r["row"],
         "objective": r["objective"],
@@ -210,8 +216,8 @@ def choose(rows: list[dict], budget: float | None = None, *, max_ppl: float = 1.
         "textblob": r["textblob"]["delta"],
         "ppl_ratio": r["ppl_ratio"],
         "measured_kl": r["measured_kl"],
-        "candidates": [x["row"] for x in ok],
-        "ranking": [x["objective"] for x in ok],
+        "candidates": [x["row"] for x in by_delta],
+        "ranking": [x["objective"] for x in ranked],
     }
 
 

@@ -203,11 +203,11 @@ def test_recommend_with_a_kl_budget(setup, monkeypatch):
 
 def test_choose_applies_the_evidence_rule():
     """choose: KL rows at the budget, perplexity ≤ 1.5x at both signs, the second judge's CI
-    above 0; the largest VADER Δ first."""
+    above 0; min-norm (the default) unless a row beats it on the same stems (paired CI > 0)."""
     from steerlin.objective import choose
 
-    def row(name, obj, budget, v, tb_lo, ppl):
-        return {
+    def row(name, obj, budget, v, tb_lo, ppl, paired_lo=None):
+        r = {
             "row": name,
             "objective": obj,
             "budget": budget,
@@ -217,18 +217,24 @@ def test_choose_applies_the_evidence_rule():
             "ppl_ratio": {"+": ppl, "-": 1.0},
             "measured_kl": {"mean": 0.1, "p95": 0.3},
         }
+        if paired_lo is not None:
+            r["vs_default"] = {"vader": {"diff": paired_lo + 0.05, "ci95": [paired_lo, 1.0]}}
+        return r
 
     rows = [
         row("t = 2", "min-norm", None, 1.5, 0.2, 1.2),  # no budget: not a candidate
-        row("too rough", "in-regime:lexicon", 0.1, 1.2, 0.2, 1.6),
-        row("self-scored", "in-regime:concept", 0.1, 1.1, -0.05, 1.1),
-        row("a", "in-regime:label_words", 0.1, 0.7, 0.1, 1.3),
-        row("b", "min-norm", 0.1, 0.5, 0.1, 1.1),
+        row("too rough", "in-regime:lexicon", 0.1, 1.2, 0.2, 1.6, 0.3),
+        row("self-scored", "in-regime:concept", 0.1, 1.1, -0.05, 1.1, 0.3),
+        row("not surely better", "in-regime:lexicon", 0.1, 0.8, 0.1, 1.1, -0.02),
+        row("better", "in-regime:label_words", 0.1, 0.7, 0.1, 1.3, 0.01),
+        row("default", "min-norm", 0.1, 0.5, 0.1, 1.1),
         row("other budget", "min-norm", 0.3, 0.9, 0.1, 1.2),
     ]
     got = choose(rows, 0.1)
-    assert got["row"] == "a" and got["ranking"] == ["in-regime:label_words", "min-norm"]
-    assert choose(rows)["row"] == "other budget"
+    assert got["row"] == "better" and got["ranking"] == ["in-regime:label_words", "min-norm"]
+    assert choose(rows[:4] + rows[5:], 0.1)["row"] == "default"  # no row surely better
+    # without an eligible min-norm row: every candidate by VADER Δ
+    assert choose(rows[:5], 0.1)["ranking"] == ["in-regime:lexicon", "in-regime:label_words"]
     assert choose(rows[:3], 0.1)["row"] is None and choose(rows[:3], 0.1)["objective"] == "min-norm"
 
 

@@ -229,6 +229,12 @@ def main() -> None:
         help="a result file (same task, model, sizes, d) whose predictor rows are reused (they "
         "do not depend on the judged stems): only the directions are fitted here",
     )
+    ap.add_argument(
+        "--extend",
+        action="store_true",
+        help="judge the held-out stems that the existing result file (same --task/--model/"
+        "--tag) lacks, at its amplitudes, and merge them into it",
+    )
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
@@ -258,6 +264,9 @@ def main() -> None:
         for k in ("sizes", "d", "seeds", "tokens", "kl"):
             if k in old["args"]:
                 setattr(args, k, old["args"][k])
+    base = json.loads(out.read_text()) if args.extend else None
+    if base is not None:  # its predictor rows; only the directions are fitted
+        args.predictors_from = str(out)
     model = steerlin.load_model(args.model)
     nc, no = (int(x) for x in args.sizes.split(","))
     pfrom = {}
@@ -283,6 +292,9 @@ def main() -> None:
         res["timings_s"] = old.get("timings_s", {}) | timings
         res["rescored"] = "predictors recomputed by --rescore; judged sweep as run"
         score_and_write(res, out, img, title, log)
+        return
+    if base is not None:
+        extend(base, args, model, dirs, out, img, title, log)
         return
     log(f"{args.task}: per-layer sweep:")
     t = time.time()
@@ -332,6 +344,40 @@ def main() -> None:
         "timings_s": timings,
     } | pfrom
     score_and_write(res, out, img, title, log)
+
+
+def extend(base: dict, args, model, dirs, out: Path, img: Path, title: str, log) -> None:
+    """--extend: judge the held-out stems (evaluation + extra) that the result file `base`
+    lacks, at its amplitudes, and merge them into it (`ground_truth.merge_stems`); partial
+    results go to <out>_extend_partial.json meanwhile."""
+    stems = neutral_stems()
+    have = set(base["stems"])
+    new = [s for s in stems["eval"] + stems["extra"] if s not in have]
+    if not new:
+        raise SystemExit(f"--extend: {out.name} already has every held-out stem")
+    log(f"{args.task}: per-layer sweep of {len(new)} new stems at {out.name}'s amplitudes:")
+    t = time.time()
+    part = out.with_name(out.stem + "_extend_partial.json")
+    amps = {k: rec["amp"] for k, rec in base["judged"].items()}
+    judged = layer_effects(
+        model,
+        dirs,
+        SETTINGS[args.task].judge,
+        [float(k) for k in amps],
+        stems=new,
+        tokens=base["args"]["tokens"],
+        amplitudes=amps,
+        amplitude_source=f"{out.name}",
+        log=log,
+        on_layer=lambda j: part.write_text(json.dumps({"stems": new, "judged": j})),
+    )
+    res = {k: v for k, v in base.items() if k not in ("scores", "reliability", "table")}
+    res |= {"judged": gt.merge_stems(base["judged"], judged), "stems": base["stems"] + new}
+    res["extended"] = base.get("extended", []) + [
+        {"stems_added": len(new), "sweep_s": time.time() - t, "amplitudes": "the file's own"}
+    ]
+    score_and_write(res, out, img, title, log)
+    part.unlink()
 
 
 RELIABILITY_RUNS = [  # (label, result-file stem, KL level): a 3-seed file, a 1-seed one or 144

@@ -197,6 +197,31 @@ def layer_effects(
     return out
 
 
+def merge_stems(base: Mapping, more: Mapping) -> dict[str, dict]:
+    """Two `layer_effects` results at the same amplitudes on disjoint stems as one: per-stem
+    scores concatenated (base's stems first), the per-layer means recomputed over all stems.
+    The amplitudes must agree (they are defined on the calibration stems, not the judged ones).
+    """
+    out = {}
+    for k, a in base.items():
+        b = more.get(k)
+        if b is None:
+            raise InputError(f"more: no KL level {k}")
+        aa, ab = np.asarray(a["amp"], dtype=float), np.asarray(b["amp"], dtype=float)
+        if aa.shape != ab.shape or not np.allclose(aa, ab, rtol=1e-12, equal_nan=True):
+            raise InputError(f"more: level {k}: amplitudes differ from base's")
+        rec = {key: list(a[key]) for key in ("amp", "kl")}
+        for key in ("plus_stems", "minus_stems"):
+            rec[key] = [list(x) + list(y) for x, y in zip(a[key], b[key], strict=True)]
+        plus = np.asarray(rec["plus_stems"], dtype=float).mean(1)
+        minus = np.asarray(rec["minus_stems"], dtype=float).mean(1)
+        rec |= {"plus": plus.tolist(), "minus": minus.tolist(), "delta": (plus - minus).tolist()}
+        rec["n_stems"] = len(rec["plus_stems"][0])
+        rec["amplitude_source"] = a.get("amplitude_source", "given")
+        out[k] = rec
+    return out
+
+
 def stem_deltas(rec: Mapping) -> np.ndarray:
     """Per-stem judged Δ [L, n_stems] (judge(+) − judge(−)) of one level's record; its mean
     over stems is the record's "delta"."""
@@ -273,4 +298,10 @@ def score_with_ceiling(scores: Mapping[str, Mapping], ceiling: float) -> dict[st
     }
 
 
-__all__ = ["layer_effects", "score_with_ceiling", "split_half_reliability", "stem_deltas"]
+__all__ = [
+    "layer_effects",
+    "merge_stems",
+    "score_with_ceiling",
+    "split_half_reliability",
+    "stem_deltas",
+]

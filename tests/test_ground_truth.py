@@ -162,3 +162,17 @@ def test_bad_per_stem_input():
         gt.split_half_reliability(np.zeros((2, 10)))  # fewer than 3 layers
     with pytest.raises(InputError, match="rec"):
         gt.stem_deltas({"delta": [0.1]})
+
+
+def test_merge_stems_equals_one_run_over_all_stems(setup):
+    whole = _run(setup)
+    amps = {0.2: whole["amp"]}
+    a = _run(setup, stems=STEMS[:4], amplitudes=amps)
+    b = _run(setup, stems=STEMS[4:], amplitudes=amps)
+    m = gt.merge_stems({"0.2": a}, {"0.2": b})["0.2"]
+    assert m["n_stems"] == len(STEMS)
+    np.testing.assert_array_equal(np.array(m["plus_stems"]), np.array(whole["plus_stems"]))
+    np.testing.assert_allclose(m["delta"], whole["delta"], rtol=1e-12)
+    other = dict(b, amp=[x * 2 for x in b["amp"]])
+    with pytest.raises(InputError, match="amplitudes"):
+        gt.merge_stems({"0.2": a}, {"0.2": other})

@@ -47,9 +47,9 @@ SETTINGS = {
 
 def neutral_stems() -> dict[str, list[str]]:
     """The shipped neutral prompt stems: {"calibration": 12, "eval": 36 (3 seeds of 12),
-    "extra": 108}. "calibration" calibrates schedules; "eval" is steer-eval's held-out set;
+    "extra": 144}. "calibration" calibrates schedules; "eval" is steer-eval's held-out set;
     "extra" are further held-out stems, distinct from both, that the per-layer ground truth
-    (`steerlin.ground_truth`) judges together with "eval" (144 stems)."""
+    (`steerlin.ground_truth`) judges together with "eval" (180 stems)."""
     ref = resources.files("steerlin").joinpath("data", "neutral_stems.txt")
     out: dict[str, list[str]] = {"calibration": [], "eval": [], "extra": []}
     key = None

@@ -10,7 +10,7 @@ unit_l is injected (last prompt token and every generated token, as `apply` stee
 the amplitude at which the measured next-token KL along the unsteered 8-token continuations of the
 12 calibration stems equals each `--kl` level (bisection on the full model); greedy continuations of
 the held-out stems at +a and -a are judged (VADER for sst2, alt-profanity-check for hate); the
-per-layer effect is the judged Δ(+,−). `--stems all` judges the 144 held-out stems (evaluation +
+per-layer effect is the judged Δ(+,−). `--stems all` judges the 180 held-out stems (evaluation +
 extra) and keeps every stem's score; `--amplitudes-from` reuses a saved sweep's amplitudes (defined
 on the calibration stems alone) instead of bisecting. Where per-stem scores exist, the split-half
 reliability of the judged curve (`ground_truth.split_half_reliability`) and its ceiling √reliability
@@ -215,7 +215,7 @@ def main() -> None:
         default="seeds",
         choices=("seeds", "all"),
         help="held-out stems judged: the first --seeds × 12 evaluation stems, or all "
-        "(evaluation + extra, 144: per-stem scores for the split-half reliability)",
+        "(evaluation + extra, 180: per-stem scores for the split-half reliability)",
     )
     ap.add_argument(
         "--amplitudes-from",
@@ -437,10 +437,11 @@ def reliability(log) -> dict:
     """Split-half reliability of the judged per-layer curve from the saved sweeps, no model run.
 
     Where a `--stems all` sweep saved every stem's judged score (where_to_steer_<stem>_144stems
-    .json): `ground_truth.split_half_reliability` over its 144 stems (200 random equal halves,
-    Spearman-Brown; mean and 5-95% spread), also on its first 36 stems alone (the 3-seed
-    sweep's), and the check that those 36 stems reproduce the 3-seed sweep's curve (same
-    amplitudes, greedy decoding); predictors are scored against the 144-stem curve. Elsewhere
+    .json: 144 stems, or 180 after `--extend`): `ground_truth.split_half_reliability` over all
+    its stems (200 random equal halves, Spearman-Brown; mean and 5-95% spread), over random
+    subsets of 36..144 stems, on its first 36 stems alone (the 3-seed sweep's), and the check
+    that those 36 stems reproduce the 3-seed sweep's curve (same amplitudes, greedy decoding);
+    predictors are scored against the all-stem curve. Elsewhere
     (labelled "12 vs 24"): the 12-vs-24 estimate of `_old_halves` on the 3-seed sweep's 36
     stems. Each predictor's Spearman is set beside the ceiling sqrt(reliability) and as a
     fraction of it."""
@@ -462,7 +463,8 @@ def reliability(log) -> dict:
             d = gt.stem_deltas(rec)  # [layers done, stems]
             done, L = d.shape[0], len(three["judged"][k]["delta"])
             rel = gt.split_half_reliability(d)
-            by_n = {n: gt.split_half_reliability(d, n_stems=n) for n in (36, 72, 108)}
+            sizes = [n for n in (36, 72, 108, 144) if n < d.shape[1]]
+            by_n = {n: gt.split_half_reliability(d, n_stems=n) for n in sizes}
             rel36 = gt.split_half_reliability(d[:, :36])
             m36 = np.array(three["judged"][k]["delta"], dtype=float)[:done]
             diff = np.abs(d[:, :36].mean(1) - m36)

@@ -109,7 +109,7 @@ def layer_effects(
     """Judged Δ(+,−) per layer at each KL level, with every stem's judged score.
 
     judge: a judge name (`steerlin.judges.get_judge`) or a callable texts -> scores. stems: the
-    held-out stems (default: the shipped "eval" + "extra" stems, 144). The amplitude of layer l
+    held-out stems (default: the shipped "eval" + "extra" stems, 180). The amplitude of layer l
     at a level is defined on the calibration stems only (default: the shipped 12; their
     unsteered `calibration_tokens`-token greedy continuations): the amplitude at which the
     measured mean next-token KL there equals the level (bisection, 5% tolerance). It does not

@@ -61,7 +61,7 @@ from steerlin.steer_eval import SETTINGS, TASKS, neutral_stems  # noqa: E402
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 READOUTS = ("lexicon", "label_words", "concept")
-GOAL_DELTA, GOAL_PPL = 0.6, 1.5
+GOAL_DELTA, GOAL_PPL, GOAL_KL = 0.6, 1.5, 0.1
 
 
 def gen(model, prompts, n, sched, chunk):
@@ -149,8 +149,8 @@ def schedules(model, sur, dirs, cal, rg, T, budgets) -> dict:
         f"in-regime concept KL {kl0:g}": inreg("concept", kl0),
     }
     for kl in budgets[1:]:
-        out[f"in-regime lexicon KL {kl:g}"] = inreg("lexicon", kl)
         out[f"min-norm KL {kl:g}"] = minnorm(kl)
+        out[f"in-regime lexicon KL {kl:g}"] = inreg("lexicon", kl)
     return out
 
 
@@ -235,10 +235,11 @@ def table(rows) -> str:
     lines = [
         "| row | budget | VADER Δ(+,−) ± sd (12×12) [95% CI] | TextBlob Δ(+,−) [95% CI] "
         "| ppl ratio + / − | measured KL mean / p95 (held-out) | predicted mean / p95 (cal.) "
-        "| VADER / TextBlob Δ − default's, paired [95% CI] | goal |",
+        "| VADER / TextBlob Δ − default's, paired [95% CI] | goal (at KL 0.1) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        goal = "—" if r["budget"] != GOAL_KL else "meets" if r["meets_goal"] else "misses"
         pd = r.get("vs_default")
         pair = (
             "—"
@@ -257,7 +258,7 @@ def table(rows) -> str:
             f"| {r['measured_kl']['mean']:.3f} / {r['measured_kl']['p95']:.3f} "
             f"| {r['predicted_kl_calibration']['mean']:.3f} / "
             f"{r['predicted_kl_calibration']['p95']:.3f} | {pair} "
-            f"| {'meets' if r['meets_goal'] else 'misses'} |"
+            f"| {goal} |"
         )
     return "\n".join(lines)
 
@@ -268,7 +269,7 @@ def plot(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 7))
+    fig, ax = plt.subplots(figsize=(9, 6.5))
     for i, r in enumerate(rows):
         x = r["measured_kl"]["mean"]
         for jn, mk, dx in (("vader", "o", 0.0), ("textblob", "s", 0.004)):
@@ -285,14 +286,21 @@ def plot(rows, path: Path, title: str) -> None:
                 label=r["row"] if jn == "vader" else None,
             )
     ax.axhline(GOAL_DELTA, color="grey", ls="--", lw=1)
-    ax.text(0.002, GOAL_DELTA + 0.01, "goal: VADER Δ ≥ 0.6", color="grey", fontsize=8)
+    ax.text(
+        0.01,
+        GOAL_DELTA + 0.01,
+        "goal: VADER Δ ≥ 0.6",
+        color="grey",
+        fontsize=8,
+        transform=ax.get_yaxis_transform(),
+    )
     ax.axvline(0.1, color="grey", ls=":", lw=1)
     ax.set_xlabel("measured mean per-token KL on the held-out stems (nats)")
     ax.set_ylabel("judged Δ(+,−): VADER (filled), TextBlob (open); 95% CI")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     ax.grid(alpha=0.3)
-    fig.subplots_adjust(bottom=0.3)
+    fig.subplots_adjust(bottom=0.27, top=0.94)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

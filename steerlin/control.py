@@ -411,10 +411,9 @@ class Controller:
         """The Controller steerlin recommends for this model and concept, computed from it.
 
         With a KL budget (`kl`, nats per token; "evidence": the budget the evidence used):
-        the objective that moved held-out text most at that budget in the measured evidence
-        (`steerlin.objective.EVIDENCE`, from benchmarks/kl_outcome.py) among those the inputs
-        support (an in-regime readout needs `gains`, a `RegimeGains` on `prompts`, or a
-        `lexicon`/`label_words` to measure them with), sized on `model` over `prompts`.
+        the first objective in the evidence's ranking (`objective.EVIDENCE`, `choose`: min-norm
+        unless one moved held-out text more on the same stems) the inputs support (in-regime:
+        `gains`, a `RegimeGains` on `prompts`, or a `lexicon`/`label_words`), sized on `model`.
         Without: the least-norm schedule over all layers (u_l ∝ h_l; `recommendation["layers"]`
         hold 90% of Σu²) at `sign` x `separations` class separations (default 2; `strength=`,
         its old name, for one release), calibrated on `model` over `prompts` when given, with

@@ -447,7 +447,8 @@ def main() -> None:
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
         same = ("sizes", "d", "tokens", "stems", "cal_stems", "cal_tokens", "data_dir", "quick")
-        if all(old.get("args", {}).get(k) == getattr(args, k) for k in same):
+        ok = all(old.get("args", {}).get(k) == getattr(args, k) for k in same)
+        if ok and old.get("samples", {}).get("prompt") == held:  # the same held-out stems
             done = {r["row"]: r for r in old.get("rows", [])}
             head["rows_reused_from"] = old.get("command")
             samples = old.get("samples", samples)

@@ -6,8 +6,9 @@ Gemma-3-270m, SST-2 directions on the concept split (200 per class), the surroga
 operating split (50 per class, d = 8), as benchmarks/kl_budget.py. Every schedule is sized or
 calibrated on the 12 calibration stems (`neutral_stems()["calibration"]`, their unsteered
 8-token greedy continuations, the regime of use: the last prompt token and every generated
-token) and judged on ALL 144 held-out stems (`neutral_stems()["eval"] + ["extra"]`), greedy 24
-tokens, at + and − signs. Rows:
+token) and judged on all held-out stems (`neutral_stems()["eval"] + ["extra"]`: 144 in the
+committed run, `--stems 144` since the file grew to 180), greedy 24 tokens, at + and − signs.
+Rows:
 
 - min-norm at t = 1 and t = 2 class separations (readout calibration by bisection, as today);
 - min-norm at the KL budget (`Controller(sur, kl=0.1)`, the first-order Fisher sizing);
@@ -352,7 +353,7 @@ def main() -> None:
         default="0.1",
         help="KL budgets (all rows at the first; lexicon and min-norm at the others)",
     )
-    ap.add_argument("--stems", type=int, default=None, help="held-out stems (default all 144)")
+    ap.add_argument("--stems", type=int, default=None, help="held-out stems (default all)")
     ap.add_argument("--tokens", type=int, default=24, help="generated tokens judged")
     ap.add_argument("--cal-stems", type=int, default=12, help="calibration stems")
     ap.add_argument("--cal-tokens", type=int, default=8, help="calibration continuation tokens")

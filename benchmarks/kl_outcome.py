@@ -447,7 +447,7 @@ def main() -> None:
     done, samples = {}, {"prompt": held, "unsteered": base_cont.texts}
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
-        same = ("sizes", "d", "tokens", "stems", "cal_stems", "cal_tokens", "data_dir", "quick")
+        same = ("sizes", "d", "tokens", "cal_stems", "cal_tokens", "data_dir", "quick")
         ok = all(old.get("args", {}).get(k) == getattr(args, k) for k in same)
         if ok and old.get("samples", {}).get("prompt") == held:  # the same held-out stems
             done = {r["row"]: r for r in old.get("rows", [])}

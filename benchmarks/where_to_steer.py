@@ -235,6 +235,12 @@ def main() -> None:
         help="judge the held-out stems that the existing result file (same --task/--model/"
         "--tag) lacks, at its amplitudes, and merge them into it",
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the existing partial result file (same --task/--model/--tag, same "
+        "stems) after its last finished layer",
+    )
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA))
     ap.add_argument("--threads", type=int, default=1)
@@ -317,6 +323,18 @@ def main() -> None:
         amps = {k: rec["amp"] for k, rec in src["judged"].items()}
         src = f"{Path(args.amplitudes_from).name} (bisected there on the 12 calibration stems)"
     partial["stems"] = held
+    merge = lambda judged: judged
+    if args.resume and out.exists():
+        prev = json.loads(out.read_text())
+        if not prev.get("partial") or prev.get("stems") != held:
+            raise SystemExit(f"--resume: {out.name} is not a partial sweep of these stems")
+        done = len(next(iter(prev["judged"].values()))["amp"])
+        dirs = _without_layers(dirs, done)
+        merge = lambda judged: _resumed(prev["judged"], judged, done)
+        log(f"resuming {out.name} after layer {done - 1}")
+    save = lambda judged: out.write_text(
+        json.dumps(partial | {"judged": merge(judged), "partial": True})
+    )
     judged = layer_effects(
         model,
         dirs,
@@ -329,6 +347,7 @@ def main() -> None:
         log=log,
         on_layer=save,
     )
+    judged = merge(judged)
     timings["sweep"] = time.time() - t
     res = {
         "command": "python benchmarks/where_to_steer.py "
@@ -344,6 +363,26 @@ def main() -> None:
         "timings_s": timings,
     } | pfrom
     score_and_write(res, out, img, title, log)
+
+
+def _without_layers(dirs, done: int):
+    """The directions with layers 0..done-1 zeroed: `layer_effects` skips them (NaN)."""
+    import dataclasses
+
+    scale = dirs.scale.clone()
+    scale[:done] = 0
+    return dataclasses.replace(dirs, scale=scale)
+
+
+def _resumed(prev: dict, new: dict, done: int) -> dict:
+    """A resumed sweep: layers before `done` from the partial file, the rest from the new run."""
+    out = {}
+    for k, rec in new.items():
+        out[k] = dict(rec)
+        for key, v in rec.items():
+            if isinstance(v, list):
+                out[k][key] = list(prev[k][key][:done]) + list(v[done:])
+    return out
 
 
 def extend(base: dict, args, model, dirs, out: Path, img: Path, title: str, log) -> None:

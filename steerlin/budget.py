@@ -141,6 +141,20 @@ def _tangent_forward(model, tokens, steer, meas, b: torch.Tensor):
     return x, t
 
 
+def _tangent_batches(model, cont: Continuations, bm, positions, n_new, n_meas, batch_size):
+    """Per batch of `batch_size` prompts of `cont` (teacher-forced, `n_new` new tokens): the
+    clean final states [B, n, H] at the measured positions and, flattened per position, the
+    states [B·n, H] and their tangents [B·n, L, H] for unit injections bm [L, H]."""
+    L = bm.shape[0]
+    for s in range(0, len(cont), batch_size):
+        sub = cont.subset(range(s, min(s + batch_size, len(cont))))
+        tokens, plen, tlen = batch_tokens(model, sub, max(n_new - 1, 0))
+        steer, meas = position_masks(positions, plen, tlen, tokens.shape[1], n_meas)
+        x, t = _tangent_forward(model, tokens, steer, meas, bm)  # [B, n, H], [B, L, n, H]
+        flat_t = t.permute(0, 2, 1, 3).reshape(-1, L, t.shape[-1])
+        yield x, x.reshape(-1, x.shape[-1]), flat_t
+
+
 @dataclass(frozen=True)
 class RegimeFisher:
     """Per-token Fisher of unit injections b_l along teacher-forced continuations.
@@ -204,14 +218,8 @@ def regime_fisher(
     n_meas = 1 if positions == "last" else n_new
     bm = b.to(model.cfg.device, model.cfg.dtype)
     Fs, xs = [], []
-    for s in range(0, len(cont), batch_size):
-        sub = cont.subset(range(s, min(s + batch_size, len(cont))))
-        tokens, plen, tlen = batch_tokens(model, sub, max(n_new - 1, 0))
-        steer, meas = position_masks(positions, plen, tlen, tokens.shape[1], n_meas)
-        x, t = _tangent_forward(model, tokens, steer, meas, bm)  # [B, n, H], [B, L, n, H]
-        xs.append(x)
-        x = x.reshape(-1, x.shape[-1])
-        t = t.permute(0, 2, 1, 3).reshape(-1, L, t.shape[-1])  # [B*n, L, H]
+    for xb, x, t in _tangent_batches(model, cont, bm, positions, n_new, n_meas, batch_size):
+        xs.append(xb)
         Fs.append(_fisher_tokens(model, x, t))
     F = torch.cat(Fs)
     if not torch.isfinite(F).all():

@@ -33,12 +33,12 @@ from .budget import (
     RegimeFisher,
     _fisher_chunk,
     _logit_jvps,
-    _tangent_forward,
+    _tangent_batches,
     continuations,
 )
 from .errors import InputError, NonFiniteError, ShapeError
 from .lexicon import Lexicon, get_lexicon
-from .regime import Continuations, batch_tokens, check_policy, position_masks
+from .regime import Continuations, check_policy
 from .validate import check_int
 
 F64 = torch.float64
@@ -260,14 +260,8 @@ def regime_gains(
     val = {k: [] for k in keys}
     Fs, xs = [], []
     L, H = b.shape
-    for s0 in range(0, len(cont), batch_size):
-        sub = cont.subset(range(s0, min(s0 + batch_size, len(cont))))
-        tokens, plen, tlen = batch_tokens(model, sub, max(n_new - 1, 0))
-        steer, meas = position_masks(positions, plen, tlen, tokens.shape[1], n_meas)
-        x, t = _tangent_forward(model, tokens, steer, meas, bm)  # [B, n, H], [B, L, n, H]
-        xs.append(x)
-        x = x.reshape(-1, x.shape[-1])
-        t = t.permute(0, 2, 1, 3).reshape(-1, L, t.shape[-1])  # [B*n, L, H]
+    for xb, x, t in _tangent_batches(model, cont, bm, positions, n_new, n_meas, batch_size):
+        xs.append(xb)  # x [B*n, H], t [B*n, L, H]
         if uu is not None and "concept" in keys:
             per["concept"].append((t.to(F64) @ uu).cpu())
             val["concept"].append((x.to(F64) @ uu).cpu())

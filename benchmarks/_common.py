@@ -310,3 +310,21 @@ def run_child(script: str, flags: Sequence[str], what: str) -> tuple[dict[str, A
 def verdict(value: float, goal: float, *, at_least: bool) -> str:
     ok = value >= goal if at_least else value <= goal
     return "meets goal" if ok else "MISSES goal"
+
+
+def sst2_setup(data_dir, sizes: str, d: int, model_name: str = "gemma-3-270m"):
+    """The KL benchmarks' shared set-up: the model, SST-2 split (seed 0) into concept and
+    operating prompts per class (`sizes` "nc,no"), class-mean directions on the concept split
+    and a surrogate of order `d` on the operating split. Returns (model, splits, dirs, sur)."""
+    import steerlin
+    from steerlin.steer_eval import TASKS
+
+    model = steerlin.load_model(model_name)
+    tk = steerlin.load_task(TASKS["sst2"], data_dir=data_dir)
+    nc, no = (int(x) for x in sizes.split(","))
+    sp = tk.split(nc, no, 0, seed=0)
+    dirs = steerlin.ConceptDirections.fit(
+        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
+    )
+    sur = steerlin.Surrogate.fit(model, list(sp.operating.texts), dirs, d=d)
+    return model, sp, dirs, sur

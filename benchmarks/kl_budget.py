@@ -40,7 +40,7 @@ from steerlin.budget import (  # noqa: E402
 from steerlin.measure import final_states  # noqa: E402
 from steerlin.readouts import full_logits  # noqa: E402
 from steerlin.regime import generate  # noqa: E402
-from steerlin.steer_eval import TASKS, neutral_stems  # noqa: E402
+from steerlin.steer_eval import neutral_stems  # noqa: E402
 
 F64 = torch.float64
 
@@ -119,14 +119,7 @@ def main() -> None:
     log = lambda m: print(m, flush=True)
     out = C.RESULTS / ("kl_budget_quick.json" if args.quick else "kl_budget.json")
     t0 = time.time()
-    model = steerlin.load_model("gemma-3-270m")
-    tk = steerlin.load_task(TASKS["sst2"], data_dir=args.data_dir)
-    nc, no = (int(x) for x in args.sizes.split(","))
-    sp = tk.split(nc, no, 0, seed=0)
-    dirs = steerlin.ConceptDirections.fit(
-        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
-    )
-    sur = steerlin.Surrogate.fit(model, list(sp.operating.texts), dirs, d=args.d)
+    model, _, dirs, sur = C.sst2_setup(args.data_dir, args.sizes, args.d)
     timings = {"setup": time.time() - t0}
     log(f"directions and surrogate in {timings['setup']:.0f} s")
     stems = neutral_stems()

@@ -57,7 +57,7 @@ from steerlin.judges import get_judge  # noqa: E402
 from steerlin.measure import continuation_scores, final_states, measured_token_kl  # noqa: E402
 from steerlin.objective import choose  # noqa: E402
 from steerlin.regime import Continuations, generate  # noqa: E402
-from steerlin.steer_eval import SETTINGS, TASKS, neutral_stems  # noqa: E402
+from steerlin.steer_eval import SETTINGS, neutral_stems  # noqa: E402
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,14 +381,7 @@ def main() -> None:
         return report(out, png, log)
     budgets = [float(x) for x in args.budgets.split(",")]
     T = args.cal_tokens
-    model = steerlin.load_model("gemma-3-270m")
-    tk = steerlin.load_task(TASKS["sst2"], data_dir=args.data_dir)
-    nc, no = (int(x) for x in args.sizes.split(","))
-    sp = tk.split(nc, no, 0, seed=0)
-    dirs = steerlin.ConceptDirections.fit(
-        model, sp.concept.texts, sp.concept.labels, label_names=tk.spec.class_names
-    )
-    sur = steerlin.Surrogate.fit(model, list(sp.operating.texts), dirs, d=args.d)
+    model, _, dirs, sur = C.sst2_setup(args.data_dir, args.sizes, args.d)
     timings = {"directions_and_surrogate": time.time() - t0}
     log("directions and surrogate")
     stems = neutral_stems()

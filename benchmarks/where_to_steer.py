@@ -68,9 +68,10 @@ def plot(res: dict, path: Path, title: str) -> None:
             label=f"judged Δ(+,−), KL {k}",
         )
     ax2 = ax.twinx()
-    for name, v in res["predictors"].items():
+    for i, (name, v) in enumerate(res["predictors"].items()):  # tab20: no colour repeats
         v = np.array(v, dtype=float)
-        ax2.plot(x, v / np.nanmax(np.abs(v)), marker="o", ms=3, label=name)
+        c = plt.cm.tab20(2 * i % 20 + (2 * i // 20) % 2)
+        ax2.plot(x, v / np.nanmax(np.abs(v)), marker="o", ms=3, label=name, color=c)
     ax.set_xticks(x)
     ax.set_xlabel("injection layer l (x_l)")
     ax.set_ylabel("judged Δ(+,−)")

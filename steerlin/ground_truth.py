@@ -124,7 +124,7 @@ def layer_effects(
     after each layer (a caller saves partial results with it)."""
     import steerlin
 
-    from .measure import bisect_multiplier, regime_kl
+    from .measure import bisect_multiplier, final_states, measured_token_kl
     from .regime import generate
 
     judge = _judge_fn(judge)
@@ -141,6 +141,7 @@ def layer_effects(
     cal = generate(
         model, list(calibration), check_int("calibration_tokens", calibration_tokens, min=1)
     )
+    clean = final_states(model, cal, None, batch_size=8)  # as regime_kl measures them
     log = log or (lambda m: None)
     source = "bisected on the calibration stems" if amps is None else (amplitude_source or "given")
     b = dirs.b[:L].to(F64)
@@ -159,7 +160,11 @@ def layer_effects(
                 for key in keys:
                     rec[key].append(list(nan_row) if key.endswith("_stems") else float("nan"))
                 continue
-            f = lambda a, v=vec: regime_kl(model, cal, a * v)
+            # the mean KL along the calibration continuations (`regime_kl`), their clean
+            # states computed once, not again in every bisection step and layer
+            f = lambda a, v=vec: float(
+                measured_token_kl(model, cal, a * v, batch_size=8, clean=clean).mean()
+            )
             if amps is None:
                 a, kl, _ = bisect_multiplier(f, k, tol=0.05, max_evaluations=30)
             else:
